@@ -1,0 +1,1 @@
+"""``cfws-jax`` subcommands, one module each (see ``cfws_jax.cli``)."""
