@@ -14,6 +14,8 @@ import sys
 # Modules providing subcommands, in the order shown by --help.
 COMMAND_MODULES = (
     "cfws_jax.commands.version",
+    "cfws_jax.commands.convert",
+    "cfws_jax.commands.eval",
 )
 
 

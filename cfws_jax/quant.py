@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,6 +35,8 @@ ROUNDINGS = ("half_even", "half_up")
 
 ZERO_AMAX = 2.0**-24
 """amax at or below this is treated as an all-zero tensor / channel."""
+
+_SATURATE = 2.0**20  # |x / s| stand-in for +-inf: beyond any code plus any zero point
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,16 @@ def _bcast(v, axis: int | None, ndim: int):
     return v.reshape(shape)
 
 
+def _div(a, b):
+    """IEEE ``a / b`` (float32). XLA would rewrite a division by a broadcast (a per-channel or
+    constant scale) into a multiplication by the reciprocal, which is off by an ulp and changes
+    codes next to rounding ties; the barrier keeps the true division."""
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    b = jax.lax.optimization_barrier(jnp.broadcast_to(b, jnp.broadcast_shapes(a.shape, b.shape)))
+    return a / b
+
+
 def reduce_amax(x, axis: int | None = None):
     """max |x| over everything (axis=None) or over every axis except ``axis`` -> ``(C,)``."""
     x = jnp.abs(jnp.asarray(x, jnp.float32))
@@ -133,7 +146,7 @@ def scale_from_amax(amax, spec: QuantSpec = QuantSpec()):
     For unsigned specs ``qmax = 2^b - 1`` (the tensor is assumed non-negative).
     """
     amax = jnp.asarray(amax, jnp.float32)
-    return jnp.where(amax > ZERO_AMAX, amax / spec.qmax, jnp.ones_like(amax))
+    return jnp.where(amax > ZERO_AMAX, _div(amax, spec.qmax), jnp.ones_like(amax))
 
 
 def scale_zero_point(xmin, xmax, spec: QuantSpec):
@@ -144,8 +157,8 @@ def scale_zero_point(xmin, xmax, spec: QuantSpec):
     xmin = jnp.minimum(jnp.asarray(xmin, jnp.float32), 0.0)
     xmax = jnp.maximum(jnp.asarray(xmax, jnp.float32), 0.0)
     span = xmax - xmin
-    scale = jnp.where(span > ZERO_AMAX, span / (spec.qmax - spec.qmin), jnp.ones_like(span))
-    zp = spec.qmin - round_values(xmin / scale, spec.rounding)
+    scale = jnp.where(span > ZERO_AMAX, _div(span, spec.qmax - spec.qmin), jnp.ones_like(span))
+    zp = spec.qmin - round_values(_div(xmin, scale), spec.rounding)
     zp = jnp.clip(zp, spec.qmin, spec.qmax).astype(jnp.int32)
     return scale, zp
 
@@ -166,8 +179,8 @@ def quantize(x, scale, zero_point=0, spec: QuantSpec = QuantSpec()):
     """
     x = jnp.asarray(x)
     a = _axis(spec.axis, x.ndim)
-    t = x.astype(jnp.float32) / _bcast(scale, a, x.ndim)
-    t = jnp.nan_to_num(t, nan=0.0, posinf=float(spec.qmax) + 1.0, neginf=float(spec.qmin) - 1.0)
+    t = _div(x, _bcast(scale, a, x.ndim))
+    t = jnp.nan_to_num(t, nan=0.0, posinf=_SATURATE, neginf=-_SATURATE)
     q = round_values(t, spec.rounding) + _bcast(jnp.asarray(zero_point, jnp.float32), a, x.ndim)
     return jnp.clip(q, spec.qmin, spec.qmax).astype(jnp.int32)
 
@@ -189,7 +202,7 @@ def fake_quant(x, scale, zero_point=0, spec: QuantSpec = QuantSpec()):
     a = _axis(spec.axis, x.ndim)
     s = _bcast(scale, a, x.ndim)
     zp = _bcast(jnp.asarray(zero_point, jnp.float32), a, x.ndim)
-    t = round_values(x.astype(jnp.float32) / s, spec.rounding) + zp
+    t = round_values(_div(x, s), spec.rounding) + zp
     y = (jnp.clip(t, spec.qmin, spec.qmax) - zp) * s
     return y.astype(x.dtype)
 

@@ -1,0 +1,105 @@
+"""The :class:`ImageSource` interface shared by every data source, and calibration subsets.
+
+A source is an indexable, finite, ordered collection of labelled images. ``load(indices)``
+returns normalized ``float32 [B, H, W, 3]`` (NHWC) images and ``int32 [B]`` labels; the order
+of ``iter_batches`` is the source's fixed order (sorted files, array order), so evaluation is
+deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from cfws_jax.data.preprocess import Normalization
+
+SPLITS = ("train", "val", "test")
+
+
+def check_split(split: str, where) -> str:
+    """ValueError naming ``where`` (a path or dataset name) if ``split`` is not a known split."""
+    if split not in SPLITS:
+        raise ValueError(f"{where}: unknown split {split!r}; expected one of {SPLITS}")
+    return split
+
+
+class ImageSource:
+    """Base class. Subclasses set the attributes below and implement :meth:`load`.
+
+    Attributes:
+      spec: what was opened (path or ``tfds:name``), used in messages.
+      split: ``"train"``, ``"val"`` or ``"test"``.
+      num_images, num_classes: sizes.
+      image_size: ``(H, W)`` of every returned image.
+      normalization: the :class:`Normalization` applied.
+      class_names: tuple of class names (label = index) or None.
+    """
+
+    spec: str
+    split: str
+    num_images: int
+    num_classes: int
+    image_size: tuple[int, int]
+    normalization: Normalization
+    class_names: tuple[str, ...] | None = None
+
+    def load(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Images ``float32 [len(indices), H, W, 3]`` and labels ``int32 [len(indices)]``."""
+        raise NotImplementedError
+
+    def count(self, limit: int | None = None) -> int:
+        """Number of images ``iter_batches(.., limit)`` yields: ``min(limit, num_images)``."""
+        if limit is None:
+            return self.num_images
+        if int(limit) < 0:
+            raise ValueError(f"{self.spec}: limit must be >= 0, got {limit}")
+        return min(int(limit), self.num_images)
+
+    def iter_batches(self, batch_size: int, limit: int | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Consecutive batches in source order; the last one may be smaller than ``batch_size``."""
+        batch_size = _check_batch_size(batch_size)
+        n = self.count(limit)
+        for start in range(0, n, batch_size):
+            yield self.load(np.arange(start, min(start + batch_size, n)))
+
+    def describe(self) -> str:
+        h, w = self.image_size
+        return (f"{self.spec} [{self.split}]: {self.num_images} images, {self.num_classes} classes, "
+                f"{h}x{w}, {self.normalization.name} normalization")
+
+    def _check_indices(self, indices) -> np.ndarray:
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
+            raise IndexError(f"{self.spec}: index out of range [0, {self.num_images})")
+        return idx
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return int(batch_size)
+
+
+def calibration_indices(num_available: int, num_images: int, seed: int = 0) -> np.ndarray:
+    """The first ``num_images`` of a seeded permutation of ``range(num_available)``."""
+    if not 1 <= num_images <= num_available:
+        raise ValueError(f"cannot draw {num_images} calibration images from {num_available}")
+    return np.random.default_rng(seed).permutation(num_available)[:num_images]
+
+
+def calibration_batches(src: ImageSource, num_images: int = 32, batch_size: int = 32,
+                        seed: int = 0) -> list[np.ndarray]:
+    """A seeded random subset of ``src`` as a list of ``float32 [b, H, W, 3]`` batches.
+
+    Batches hold ``batch_size`` images except possibly the last. Draw from a split that is
+    disjoint from the evaluation split (e.g. ``train``); the subset depends only on
+    ``(src.num_images, num_images, seed)``.
+    """
+    batch_size = _check_batch_size(batch_size)
+    try:
+        idx = calibration_indices(src.num_images, int(num_images), seed)
+    except ValueError as e:
+        raise ValueError(f"{src.spec} [{src.split}]: {e}") from None
+    return [src.load(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size)]

@@ -1,0 +1,117 @@
+"""Unwrapping of checkpoint containers into a flat ``{PyTorch name: np.ndarray}`` state dict.
+
+Rules (FORMATS.md §1):
+
+* A mapping whose values are all arrays is a bare state dict.
+* Otherwise the first key of :data:`CONTAINER_KEYS` present with a non-None value is entered,
+  in this precedence: ``ema`` (the EMA weights, which YOLOv6-style trainers evaluate),
+  ``state_dict``, ``model``; repeated while nested (e.g. ``model`` -> ``state_dict``). An
+  explicit ``container_key`` overrides the first step.
+* A pickled ``nn.Module`` (read with stubs, see :class:`converters.torch_reader.PickledObject`)
+  is walked through ``_parameters``, persistent ``_buffers`` and ``_modules``.
+* A leading ``module.`` (DataParallel) is stripped when every key carries it.
+* ``num_batches_tracked`` entries are ignored (reported in ``ignored``); nothing else is dropped:
+  a non-array value raises ``ValueError`` naming its key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+CONTAINER_KEYS = ("ema", "state_dict", "model")
+"""Container keys tried, in precedence order."""
+
+IGNORED_SUFFIX = "num_batches_tracked"
+DATA_PARALLEL_PREFIX = "module."
+_MAX_DEPTH = 8
+
+
+class Unwrapped(NamedTuple):
+    state_dict: dict[str, np.ndarray]
+    container: str | None          # e.g. "ema" or "model/state_dict"; None for a bare state dict
+    stripped_prefix: str | None    # "module." when stripped
+    ignored: tuple[str, ...]       # original names of the ignored num_batches_tracked entries
+
+
+def _is_module(obj: Any) -> bool:
+    return hasattr(obj, "__dict__") and "_parameters" in vars(obj) and "_modules" in vars(obj)
+
+
+def module_state_dict(module: Any, prefix: str = "") -> dict[str, Any]:
+    """``state_dict()`` of an inert pickled ``nn.Module`` tree (parameters, persistent buffers)."""
+    state = vars(module)
+    out: dict[str, Any] = {}
+    for name, value in (state.get("_parameters") or {}).items():
+        if value is not None:
+            out[prefix + name] = value
+    skip = set(state.get("_non_persistent_buffers_set") or ())
+    for name, value in (state.get("_buffers") or {}).items():
+        if value is not None and name not in skip:
+            out[prefix + name] = value
+    for name, child in (state.get("_modules") or {}).items():
+        if child is None:
+            continue
+        if not _is_module(child):
+            raise ValueError(f"submodule {prefix + name!r} is a {type(child).__name__}, not a module")
+        out.update(module_state_dict(child, prefix + name + "."))
+    return out
+
+
+def _is_ignored(key: str) -> bool:
+    return key == IGNORED_SUFFIX or key.endswith("." + IGNORED_SUFFIX)
+
+
+def _check_flat(mapping: Mapping) -> str | None:
+    """None if ``mapping`` is a flat ``{str: array}``; else a description of the first offender."""
+    if not mapping:
+        return "it is empty"
+    for k, v in mapping.items():
+        if not isinstance(k, str):
+            return f"key {k!r} is not a string"
+        if not isinstance(v, np.ndarray):
+            return f"key {k!r} holds a {type(v).__name__}, not a tensor"
+    return None
+
+
+def unwrap_state_dict(obj: Any, *, container_key: str | None = None) -> Unwrapped:
+    """Flat state dict from a loaded checkpoint object (see the module docstring for the rules)."""
+    path: list[str] = []
+    if container_key is not None:
+        if not isinstance(obj, Mapping) or obj.get(container_key) is None:
+            keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+            raise ValueError(f"container key {container_key!r} not found (or None); top level: {keys}")
+        obj, path = obj[container_key], [container_key]
+    for _ in range(_MAX_DEPTH):
+        if _is_module(obj):
+            obj = module_state_dict(obj)
+            break
+        if not isinstance(obj, Mapping):
+            where = "/".join(path) or "top level"
+            raise ValueError(f"{where}: expected a state dict or container, got {type(obj).__name__}")
+        problem = _check_flat(obj)
+        if problem is None:
+            break
+        nxt = next((k for k in CONTAINER_KEYS if obj.get(k) is not None), None)
+        if nxt is None:
+            where = "/".join(path) or "top level"
+            raise ValueError(f"{where} is not a state dict ({problem}) and has none of the container "
+                             f"keys {list(CONTAINER_KEYS)}; keys: {sorted(map(str, obj))[:20]}")
+        obj = obj[nxt]
+        path.append(nxt)
+    else:
+        raise ValueError(f"containers nested deeper than {_MAX_DEPTH} levels: {'/'.join(path)}")
+    problem = _check_flat(obj)
+    if problem is not None:
+        raise ValueError(f"{'/'.join(path) or 'state dict'}: {problem}")
+
+    ignored = tuple(k for k in obj if _is_ignored(k))
+    kept = {k: v for k, v in obj.items() if not _is_ignored(k)}
+    stripped = None
+    if kept and all(k.startswith(DATA_PARALLEL_PREFIX) for k in kept):
+        kept = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in kept.items()}
+        stripped = DATA_PARALLEL_PREFIX
+    if not kept:
+        raise ValueError(f"{'/'.join(path) or 'state dict'} holds only {IGNORED_SUFFIX} entries")
+    return Unwrapped(kept, "/".join(path) or None, stripped, ignored)

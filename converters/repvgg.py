@@ -1,0 +1,55 @@
+"""RepVGG key maps: Flax module path -> PyTorch module name, per checkpoint dialect.
+
+Flax names (see :mod:`cfws_jax.models.repvgg`): ``stage0``, ``stage{k}_{j}``, and inside a block
+``rbr_dense/{conv,bn}``, ``rbr_1x1/{conv,bn}``, ``rbr_identity``, ``rbr_reparam``,
+``se/{down,up}``; head ``linear``.
+
+Dialects (FORMATS.md §2.3, §2.6):
+
+* ``dingxiaoh`` (original DingXiaoH/RepVGG): ``stage0``, ``stage{k}.{j}``, the Flax names
+  otherwise unchanged (``stage1.0.rbr_dense.conv``, ``stage0.se.down``, ``linear``);
+* ``timm`` (``byobnet``): ``stem``, ``stages.{k-1}.{j}``, ``conv_kxk``, ``conv_1x1``,
+  ``identity``, ``reparam_conv``, ``attn.fc1``/``attn.fc2``, ``head.fc``.
+"""
+
+from __future__ import annotations
+
+import re
+
+FAMILY = "repvgg"
+_BLOCK = re.compile(r"^stage(\d+)_(\d+)$")
+
+_TIMM_PARTS = {
+    "rbr_dense": "conv_kxk",
+    "rbr_1x1": "conv_1x1",
+    "rbr_identity": "identity",
+    "rbr_reparam": "reparam_conv",
+    "se": "attn",
+    "down": "fc1",
+    "up": "fc2",
+}
+
+
+def _dingxiaoh(path: tuple[str, ...]) -> str:
+    head, *rest = path
+    m = _BLOCK.match(head)
+    head = f"stage{m.group(1)}.{m.group(2)}" if m else head
+    return ".".join([head, *rest])
+
+
+def _timm(path: tuple[str, ...]) -> str:
+    head, *rest = path
+    if head == "linear":
+        return "head.fc"
+    m = _BLOCK.match(head)
+    head = "stem" if head == "stage0" else f"stages.{int(m.group(1)) - 1}.{m.group(2)}"
+    return ".".join([head, *(_TIMM_PARTS.get(p, p) for p in rest)])
+
+
+DIALECTS = {"dingxiaoh": _dingxiaoh, "timm": _timm}
+"""dialect -> function mapping a Flax module path (tuple of names) to the PyTorch module name."""
+
+MAIN_KERNEL = {"train": ("rbr_dense", "conv"), "deploy": ("rbr_reparam",)}
+"""form -> module path, inside a block, of the conv whose weight identifies the block."""
+
+SE_PATH = ("se", "down")
