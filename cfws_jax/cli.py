@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "cfws_jax.commands.version",
     "cfws_jax.commands.convert",
+    "cfws_jax.commands.ptq",
     "cfws_jax.commands.eval",
 )
 

@@ -8,9 +8,9 @@
   ``dingxiaoh``/``timm``; MobileOne: ``apple``/``timm``; see :mod:`converters.repvgg`,
   :mod:`converters.mobileone`) are detected from the stem's key;
 * ``arch`` (a :func:`cfws_jax.models.list_models` name) is inferred when omitted, from the
-  block names and conv shapes; a tie (e.g. ``repvgg_a0`` vs ``repvgg_a0_cifar``, which differ
-  only in strides) is broken by the classifier size matching the architecture's default,
-  else a ValueError lists the candidates;
+  block names, conv shapes, SE and (train form) identity branches; a tie (e.g. deploy-form
+  ``repvgg_a0`` vs ``repvgg_a0_cifar``, which then differ only in strides) is broken by the
+  classifier size matching the architecture's default, else a ValueError lists the candidates;
 * the expected keys come from the Flax model itself (``jax.eval_shape`` of
   ``create_model(arch, deploy=form == "deploy", num_classes)``); missing keys, unexpected keys and
   shape mismatches are all reported by name in one ValueError;
@@ -116,6 +116,8 @@ def _matches(arch: str, dialect: str, form: str, sd: Mapping[str, Any]) -> bool:
             return False
         if (_kernel_key(fam, dialect, b.name, fam.SE_PATH) in sd) != b.se:
             return False
+        if form == "train" and (_kernel_key(fam, dialect, b.name, fam.IDENTITY_PATH) in sd) != b.identity:
+            return False
         expected.add(key)
     stem = fam.DIALECTS[dialect](("stage0",))
     suffix = _kernel_key(fam, dialect, "stage0", main)[len(stem):]  # e.g. ".rbr_dense.conv.weight"
@@ -186,7 +188,8 @@ def convert_state_dict(
     ]
     if missing or unexpected or mismatched:
         parts = [f"state_dict does not fit {arch} ({form} form, {dialect} keys):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for title, items in problems:
             if items:
                 parts.append(f"  {title} ({len(items)}): " + ", ".join(items))
         raise ValueError("\n".join(parts))

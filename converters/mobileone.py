@@ -51,3 +51,4 @@ MAIN_KERNEL = {"train": ("rbr_conv_0", "conv"), "deploy": ("reparam_conv",)}
 """form -> module path, inside a block, of the conv whose weight identifies the block."""
 
 SE_PATH = ("se", "reduce")
+IDENTITY_PATH = ("rbr_skip",)  # train form only

@@ -53,3 +53,4 @@ MAIN_KERNEL = {"train": ("rbr_dense", "conv"), "deploy": ("rbr_reparam",)}
 """form -> module path, inside a block, of the conv whose weight identifies the block."""
 
 SE_PATH = ("se", "down")
+IDENTITY_PATH = ("rbr_identity",)  # train form only

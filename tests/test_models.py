@@ -242,8 +242,9 @@ def test_fuse_matches_numpy_reference(cfg):
 
 
 def np_repvgg_block(x, p, s, stride, groups, has_id, se):
-    y = np_bn(np_conv(x, p["rbr_dense"]["conv"]["kernel"], stride, 1, groups), p["rbr_dense"]["bn"], s["rbr_dense"]["bn"])
-    y = y + np_bn(np_conv(x, p["rbr_1x1"]["conv"]["kernel"], stride, 0, groups), p["rbr_1x1"]["bn"], s["rbr_1x1"]["bn"])
+    y = 0.0
+    for name, pad in (("rbr_dense", 1), ("rbr_1x1", 0)):
+        y = y + np_bn(np_conv(x, p[name]["conv"]["kernel"], stride, pad, groups), p[name]["bn"], s[name]["bn"])
     if has_id:
         y = y + np_bn(x, p["rbr_identity"], s["rbr_identity"])
     if se:

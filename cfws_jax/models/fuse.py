@@ -36,6 +36,10 @@ def _conv_bn(params: Mapping, stats: Mapping, where: str):
     return kernel, _bn(_sub(p, "bn", where), _sub(s, "bn", where), where + "/bn")
 
 
+def _identity(params: Mapping, stats: Mapping, block: str, name: str) -> fusion.BN:
+    return _bn(_sub(params, name, block), _sub(stats, name, block), f"{block}/{name}")
+
+
 def fuse(arch, variables: Mapping[str, Any]) -> dict:
     """Fuse train-form ``{"params", "batch_stats"}`` of ``arch`` into deploy-form ``{"params"}``.
 
@@ -54,13 +58,13 @@ def fuse(arch, variables: Mapping[str, Any]) -> dict:
         if fam == "repvgg":
             dense = _conv_bn(p, s, f"{b.name}/rbr_dense")
             one = _conv_bn(p, s, f"{b.name}/rbr_1x1")
-            ident = _bn(_sub(p, "rbr_identity", b.name), _sub(s, "rbr_identity", b.name), f"{b.name}/rbr_identity") if b.identity else None
+            ident = _identity(p, s, b.name, "rbr_identity") if b.identity else None
             kernel, bias = fusion.fuse_repvgg_block(dense, one, ident, groups=b.groups, eps=BN_EPS, name=b.name)
             block = {"rbr_reparam": {"kernel": kernel, "bias": bias}}
         else:
             kxk = [_conv_bn(p, s, f"{b.name}/rbr_conv_{i}") for i in range(b.branches)]
             scale = _conv_bn(p, s, f"{b.name}/rbr_scale") if b.scale else None
-            ident = _bn(_sub(p, "rbr_skip", b.name), _sub(s, "rbr_skip", b.name), f"{b.name}/rbr_skip") if b.identity else None
+            ident = _identity(p, s, b.name, "rbr_skip") if b.identity else None
             kernel, bias = fusion.fuse_mobileone_block(kxk, scale, ident, groups=b.groups, eps=BN_EPS, name=b.name)
             block = {"reparam_conv": {"kernel": kernel, "bias": bias}}
         if b.se:

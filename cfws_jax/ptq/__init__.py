@@ -1,0 +1,19 @@
+"""Post-training quantization: configs and presets, calibration, ``QuantizedModel``.
+
+``qm = quantize("repvgg_a0", variables, calibration_batches, get_preset("cfws_kl"))``, then
+``quantized_apply_fn(qm)(images) -> logits``; ``save_quantized`` / ``load_quantized`` for orbax.
+"""
+
+from cfws_jax.ptq.config import PRESETS, QuantConfig, get_preset
+from cfws_jax.ptq.model import (
+    QuantizedModel,
+    load_quantized,
+    quantize,
+    quantized_apply_fn,
+    save_quantized,
+)
+
+__all__ = [
+    "PRESETS", "QuantConfig", "QuantizedModel", "get_preset", "load_quantized", "quantize",
+    "quantized_apply_fn", "save_quantized",
+]

@@ -1,0 +1,156 @@
+"""PTQ configuration: one frozen dataclass and the named presets of the reference code.
+
+Presets (ALGORITHM.md §5):
+
+=================  ==========================  ======================  ===========
+preset             weights of rep convs        activation method       ReLU fusion
+=================  ==========================  ======================  ===========
+``minmax``         plain per-channel           max (all layers)        off
+``kl``             plain per-channel           entropy (TensorRT KL)   off
+``cfws_minmax``    CFWS                        max                     on
+``cfws_kl``        CFWS                        kl_cfws (paper's KL)    on   (main method)
+``only_rep_kl``    CFWS                        kl_cfws on rep outputs, max elsewhere   on
+``int16_weights``  plain 16-bit on rep convs   kl_cfws                 on
+``cfws_no_center`` CFWS, whole-kernel split    kl_cfws                 on
+``cfws_tensor_coarse`` CFWS, per-tensor coarse kl_cfws                 on
+=================  ==========================  ======================  ===========
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Literal
+
+from cfws_jax.calib import METHODS
+from cfws_jax.quant import ROUNDINGS
+
+CalibOrder = Literal["sequential", "parallel"]
+BIAS_MODES = ("float", "int16")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides how a model is quantized.
+
+    Attributes:
+      w_bits / a_bits: weight and activation bit-widths (2..16).
+      per_channel: per-output-channel weight scales (else per-tensor).
+      rounding: ``"half_even"`` or ``"half_up"`` for weights and activations.
+      cfws: split the re-parameterized k x k convs (``rep`` layers, odd k > 1) coarse & fine.
+      cfws_extract_center / cfws_coarse: the CFWS ablations (``False`` = whole-kernel split;
+        ``"tensor"`` = one coarse scale).
+      rep_w_bits: weight bits of rep convs when ``cfws`` is off (16 = the INT16 baseline);
+        None = ``w_bits``.
+      act_method: amax method of the outputs of rep convs (see ``cfws_jax.calib.METHODS``).
+      other_act_method: amax method of every other quantized activation; None = ``act_method``.
+      input_method: amax method of the network input.
+      percentile: for the ``percentile`` method.
+      num_bins: histogram bins.
+      relu_fusion: calibrate and quantize a conv+ReLU's output after the ReLU (positive range);
+        off = quantize ``conv(x)+b`` on ``|y|`` statistics, then apply the ReLU.
+      act_unsigned: with ReLU fusion, use unsigned codes (0..2^b-1) instead of 0..2^(b-1)-1.
+      calib_order: ``"sequential"`` (each layer calibrated on quantized upstream activations and
+        quantized weights) or ``"parallel"`` (all from the float network).
+      quantize_input: quantize the network input (per-tensor).
+      quantize_first_layer / quantize_last_layer: weights of the first / last layer (the last
+        layer's output, the logits, always stays float).
+      float_layers: glob patterns of layer names kept entirely in float.
+      bias: ``"float"`` or ``"int16"`` (per-tensor, ``max|b| / 32767``).
+      num_calib_images / calib_batch_size / seed: calibration sample.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    per_channel: bool = True
+    rounding: str = "half_even"
+    cfws: bool = True
+    cfws_extract_center: bool = True
+    cfws_coarse: str = "channel"
+    rep_w_bits: int | None = None
+    act_method: str = "kl_cfws"
+    other_act_method: str | None = None
+    input_method: str = "max"
+    percentile: float = 99.99
+    num_bins: int = 2048
+    relu_fusion: bool = True
+    act_unsigned: bool = False
+    calib_order: str = "sequential"
+    quantize_input: bool = True
+    quantize_first_layer: bool = True
+    quantize_last_layer: bool = True
+    float_layers: tuple[str, ...] = ()
+    bias: str = "float"
+    num_calib_images: int = 32
+    calib_batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in ("w_bits", "a_bits"):
+            v = getattr(self, f)
+            if not 2 <= v <= 16:
+                raise ValueError(f"QuantConfig.{f} must be in 2..16, got {v}")
+        if self.rep_w_bits is not None and not 2 <= self.rep_w_bits <= 16:
+            raise ValueError(f"QuantConfig.rep_w_bits must be in 2..16, got {self.rep_w_bits}")
+        for f in ("act_method", "other_act_method", "input_method"):
+            v = getattr(self, f)
+            if v is not None and v not in METHODS:
+                raise ValueError(f"QuantConfig.{f} must be one of {METHODS}, got {v!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"QuantConfig.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.calib_order not in ("sequential", "parallel"):
+            raise ValueError(f"QuantConfig.calib_order must be 'sequential' or 'parallel', got {self.calib_order!r}")
+        if self.cfws_coarse not in ("channel", "tensor"):
+            raise ValueError(f"QuantConfig.cfws_coarse must be 'channel' or 'tensor', got {self.cfws_coarse!r}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"QuantConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.num_calib_images < 1 or self.calib_batch_size < 1:
+            raise ValueError("QuantConfig.num_calib_images and calib_batch_size must be >= 1")
+        object.__setattr__(self, "float_layers", tuple(self.float_layers))
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def method_for(self, rep: bool) -> str:
+        """Activation method of a layer's output (rep conv or not)."""
+        return self.act_method if rep else (self.other_act_method or self.act_method)
+
+    def keeps_float(self, layer: str) -> bool:
+        return any(fnmatch.fnmatchcase(layer, pat) for pat in self.float_layers)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {unknown}")
+        d = dict(d)
+        d["float_layers"] = tuple(d.get("float_layers", ()))
+        return cls(**d)
+
+
+_VANILLA = dict(cfws=False, relu_fusion=False)
+
+PRESETS: dict[str, QuantConfig] = {
+    "minmax": QuantConfig(act_method="max", **_VANILLA),
+    "kl": QuantConfig(act_method="entropy", **_VANILLA),
+    "cfws_minmax": QuantConfig(act_method="max"),
+    "cfws_kl": QuantConfig(act_method="kl_cfws"),
+    "only_rep_kl": QuantConfig(act_method="kl_cfws", other_act_method="max"),
+    "int16_weights": QuantConfig(cfws=False, rep_w_bits=16, act_method="kl_cfws"),
+    "cfws_no_center": QuantConfig(cfws_extract_center=False, act_method="kl_cfws"),
+    "cfws_tensor_coarse": QuantConfig(cfws_coarse="tensor", act_method="kl_cfws"),
+}
+PRESETS["cfws_kl_reponly"] = PRESETS["only_rep_kl"]
+
+
+def get_preset(name: str, **overrides) -> QuantConfig:
+    """A named preset, optionally with fields replaced (``get_preset("cfws_kl", a_bits=6)``)."""
+    try:
+        cfg = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+    return cfg.replace(**overrides) if overrides else cfg

@@ -1,0 +1,222 @@
+"""``quantize(...) -> QuantizedModel``, its jitted fake-quant forward, and orbax save / restore.
+
+A :class:`QuantizedModel` is a pytree: ``layers`` (per layer: integer weight codes and scales,
+two sets for CFWS layers, bias) and ``act_amax`` (one per activation quantization point) are
+leaves; the architecture name, :class:`QuantConfig`, the :class:`Plan` and JSON metadata are
+static. It needs no float parameters: the forward rebuilds the kernels from the codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from cfws_jax.ptq.calibrate import calibrate_parallel, calibrate_sequential
+from cfws_jax.ptq.config import QuantConfig
+from cfws_jax.ptq.graph import discover_layers
+from cfws_jax.ptq.runtime import Plan, build_plan, forward_key, make_forward
+from cfws_jax.ptq.weights import dequantize_layer, quantize_layer
+
+FORMAT = "cfws_jax.quantized_model/1"
+
+
+@struct.dataclass
+class QuantizedModel:
+    """Quantized weights + activation ranges of one model (a pytree; see module docstring)."""
+
+    layers: dict
+    act_amax: Any
+    arch: str = struct.field(pytree_node=False)
+    config: QuantConfig = struct.field(pytree_node=False)
+    plan: Plan = struct.field(pytree_node=False)
+    meta_json: str = struct.field(pytree_node=False, default="{}")
+
+    @property
+    def meta(self) -> dict:
+        return json.loads(self.meta_json)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    def dequantized_weights(self) -> dict[str, dict[str, np.ndarray]]:
+        """``{layer: {"kernel", "bias"}}`` float32, rebuilt from the integer codes."""
+        return {name: dequantize_layer({k: np.asarray(v) for k, v in q.items()})
+                for name, q in self.layers.items()}
+
+
+def _resolve_model(arch_or_model, variables, num_classes):
+    """(arch name or None, deploy-form Flax module, deploy-form params)."""
+    from cfws_jax.models import create_model, fuse
+
+    if isinstance(arch_or_model, nn.Module):
+        return getattr(arch_or_model, "name", None) or None, arch_or_model, variables["params"]
+    arch = str(arch_or_model)
+    if "batch_stats" in variables:  # train form: re-parameterize first
+        variables = fuse(arch, variables)
+    params = variables["params"]
+    if num_classes is None:
+        num_classes = int(np.shape(params["linear"]["kernel"])[-1]) if "linear" in params else None
+    return arch, create_model(arch, deploy=True, num_classes=num_classes), params
+
+
+def _layer_params(params, name: str) -> Mapping:
+    node = params
+    for part in name.split("/"):
+        if part not in node:
+            raise ValueError(f"params have no entry for layer {name!r} (missing {part!r})")
+        node = node[part]
+    return node
+
+
+def _stack_batches(calibration_batches) -> list[jnp.ndarray]:
+    batches = [jnp.asarray(b, jnp.float32) for b in calibration_batches]
+    batches = [b for b in batches if b.shape[0] > 0]
+    if not batches:
+        raise ValueError("empty calibration set: give at least one image")
+    shapes = {tuple(b.shape[1:]) for b in batches}
+    if len(shapes) != 1:
+        raise ValueError(f"calibration batches have different image shapes: {sorted(shapes)}")
+    for b in batches:
+        if not np.all(np.isfinite(np.asarray(b))):
+            raise ValueError("calibration images contain NaN or Inf")
+    return batches
+
+
+def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, config: QuantConfig = QuantConfig(),
+             *, num_classes: int | None = None, progress: bool = True) -> QuantizedModel:
+    """Calibrate and quantize a model.
+
+    Args:
+      arch_or_model: a registry name (``"repvgg_a0"``) -- train-form variables are fused first --
+        or a deploy-form Flax module built from QConv/QDense layers.
+      variables: ``{"params": ...}`` (deploy) or ``{"params", "batch_stats"}`` (train form).
+      calibration_batches: NHWC float32 image batches, preprocessed as for evaluation.
+      config: a :class:`QuantConfig` (see ``cfws_jax.ptq.PRESETS``).
+    """
+    batches = _stack_batches(calibration_batches)
+    arch, model, params = _resolve_model(arch_or_model, variables, num_classes)
+    input_shape = (1, *batches[0].shape[1:])
+    layers = discover_layers(model, {"params": params}, input_shape)
+    plan = build_plan(layers, config)
+
+    float_w, q_layers = {}, {}
+    for lp in plan.layers:
+        p = _layer_params(params, lp.info.name)
+        float_w[lp.info.name] = {k: jnp.asarray(v, jnp.float32) for k, v in p.items() if k in ("kernel", "bias")}
+        q_layers[lp.info.name] = quantize_layer(p["kernel"], p.get("bias"), lp.scheme, lp.w_bits, config)
+    quant_w = {n: {k: jnp.asarray(v) for k, v in dequantize_layer(q).items()} for n, q in q_layers.items()}
+
+    if config.calib_order == "parallel":
+        amax = calibrate_parallel(model, plan, float_w, batches, config, progress)
+    else:
+        amax = calibrate_sequential(model, plan, quant_w, batches, config, progress)
+
+    meta = {"format": FORMAT, "num_classes": int(layers[-1].out_shape[-1]), "input_shape": list(input_shape),
+            "calibration": {"images": int(sum(b.shape[0] for b in batches)), "batches": len(batches),
+                            "order": config.calib_order}}
+    return QuantizedModel(layers=q_layers, act_amax=np.asarray(amax, np.float32), arch=arch or "",
+                          config=config, plan=plan, meta_json=json.dumps(meta, sort_keys=True))
+
+
+def _model_for(qm: QuantizedModel, model: nn.Module | None):
+    if model is not None:
+        return model
+    if not qm.arch:
+        raise ValueError("this QuantizedModel was built from a bare module; pass that module as `model`")
+    from cfws_jax.models import create_model
+
+    return create_model(qm.arch, deploy=True, num_classes=qm.num_classes)
+
+
+def quantized_apply_fn(qm: QuantizedModel, model: nn.Module | None = None, *, enabled=None):
+    """``fn(images NHWC float32) -> logits`` simulating the quantized model (jitted).
+
+    Returned as a ``jax.tree_util.Partial`` whose arguments carry the dequantized weights, so
+    they are jit arguments rather than constants baked into the compiled program.
+    """
+    model = _model_for(qm, model)
+    weights = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in qm.dequantized_weights().items()}
+    on = jnp.ones((len(qm.plan.points),), bool) if enabled is None else jnp.asarray(enabled, bool)
+    return jax.tree_util.Partial(_logits_fn(model, forward_key(qm.plan)), weights, jnp.asarray(qm.act_amax), on)
+
+
+@functools.lru_cache(maxsize=32)
+def _logits_fn(model: nn.Module, key: Plan):
+    """One jitted ``(weights, amax, enabled, x) -> logits`` per model and plan structure."""
+    fwd = make_forward(model, key)
+    return jax.jit(lambda weights, amax, enabled, x: fwd(weights, amax, enabled, x)["logits"])
+
+
+def _nest(layers: Mapping[str, Mapping]) -> dict:
+    tree: dict = {}
+    for name, arrays in layers.items():
+        node = tree
+        for part in name.split("/"):
+            node = node.setdefault(part, {})
+        node.update({k: np.asarray(v) for k, v in arrays.items()})
+    return tree
+
+
+def _unnest(tree: Mapping, names: Sequence[str]) -> dict:
+    out = {}
+    for name in names:
+        node = tree
+        for part in name.split("/"):
+            node = node[part]
+        out[name] = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+    return out
+
+
+def save_quantized(qm: QuantizedModel, directory, *, overwrite: bool = False) -> str:
+    """Write ``qm`` with orbax (``cfws_jax.io`` layout): codes, scales, amax + JSON metadata."""
+    from cfws_jax import io
+
+    if not qm.arch:
+        raise ValueError("only QuantizedModels of registry architectures can be saved (arch is empty)")
+    meta = {"kind": "quantized_model", "arch": qm.arch, "config": qm.config.to_dict(),
+            "layers": qm.plan.names, "points": [p.name for p in qm.plan.points],
+            "schemes": {lp.info.name: lp.scheme for lp in qm.plan.layers}, **qm.meta}
+    tree = {"layers": _nest(qm.layers), "act_amax": np.asarray(qm.act_amax, np.float32)}
+    return io.save_variables(directory, tree, meta, overwrite=overwrite)
+
+
+def load_quantized(directory, arch: str | None = None) -> QuantizedModel:
+    """Restore a :class:`QuantizedModel` saved by :func:`save_quantized`.
+
+    ``arch``, if given, must match the recorded architecture. The plan is rebuilt from the
+    architecture and config and checked against the recorded layer and point names.
+    """
+    from cfws_jax import io
+    from cfws_jax.models import create_model
+
+    tree, meta = io.load_variables(directory)
+    if meta.get("kind") != "quantized_model":
+        raise ValueError(f"{directory} is not a quantized model (it holds {meta.get('kind') or meta.get('form') or 'float variables'}); "
+                         "use --params for float checkpoints")
+    if arch is not None and arch != meta["arch"]:
+        raise ValueError(f"{directory} holds a quantized {meta['arch']}, not {arch}")
+    config = QuantConfig.from_dict(meta["config"])
+    model = create_model(meta["arch"], deploy=True, num_classes=meta["num_classes"])
+    names = list(meta["layers"])
+    layers = _unnest(tree["layers"], names)
+    params = {}
+    for name, q in layers.items():  # shapes only, for discovery
+        node = params
+        for part in name.split("/"):
+            node = node.setdefault(part, {})
+        node.update(dequantize_layer(q))
+    plan = build_plan(discover_layers(model, {"params": params}, meta["input_shape"]), config)
+    if plan.names != names or [p.name for p in plan.points] != list(meta["points"]):
+        raise ValueError(f"{directory}: the recorded layers do not match architecture {meta['arch']} "
+                         "(saved by a different cfws_jax version or edited)")
+    keep = {k: meta[k] for k in ("format", "num_classes", "input_shape", "calibration") if k in meta}
+    return QuantizedModel(layers=layers, act_amax=np.asarray(tree["act_amax"], np.float32), arch=meta["arch"],
+                          config=config, plan=plan, meta_json=json.dumps(keep, sort_keys=True))
