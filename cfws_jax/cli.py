@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "cfws_jax.commands.convert",
     "cfws_jax.commands.ptq",
     "cfws_jax.commands.eval",
+    "cfws_jax.commands.demo",
 )
 
 

@@ -27,3 +27,26 @@ def shared_file(name: str) -> Path:
 def shared_data():
     """Callable fixture: ``shared_data("mobileone_s0_deploy_awkrail.npz") -> Path`` (or skip)."""
     return shared_file
+
+
+def numpy_init(model, input_shape, seed: int = 0, **kwargs):
+    """Variables of a Flax ``model`` filled from NumPy (fan-in scaled normal kernels, small
+    biases, unit BN scales / variances): avoids compiling ``model.init``'s random ops, which
+    takes seconds per model on the CPU backend."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape), **kwargs))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        leaf = path[-1].key
+        if leaf == "kernel":
+            fan_in = int(np.prod(s.shape[:-1]))
+            return (rng.normal(0, 1, s.shape) / np.sqrt(fan_in)).astype(np.float32)
+        if leaf in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        return rng.normal(0, 0.1, s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)

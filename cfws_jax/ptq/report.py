@@ -157,7 +157,8 @@ def format_report(report: dict) -> str:
 def write_report(report: dict, path: str) -> None:
     """JSON (``.json``) or CSV (``.csv``, one row per layer) by file extension."""
     if path.endswith(".csv"):
-        keys = sorted({k for r in report["layers"] for k in r}, key=lambda k: (k not in COLUMNS, k))
+        keys = sorted({k for r in report["layers"] for k in r},
+                      key=lambda k: (COLUMNS.index(k) if k in COLUMNS else len(COLUMNS), k))
         with open(path, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=keys)
             w.writeheader()

@@ -15,11 +15,17 @@ and restored gives bit-identical outputs.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from cfws_jax.cfws import CFWSConfig, cfws_quantize, plain_quantize
 from cfws_jax.ptq.config import QuantConfig
 from cfws_jax.quant import ZERO_AMAX, storage_dtype
+
+
+# One compilation per kernel shape and config (op-by-op eager dispatch would compile each op).
+_cfws_jit = jax.jit(cfws_quantize, static_argnums=1)
+_plain_jit = jax.jit(plain_quantize, static_argnames=("bits", "per_channel", "rounding"))
 
 
 def _as_hwio(kernel: np.ndarray) -> np.ndarray:
@@ -33,12 +39,12 @@ def quantize_layer(kernel, bias, scheme: str, w_bits: int, config: QuantConfig) 
     if scheme == "float":
         out["kernel"] = kernel
     elif scheme == "plain":
-        codes, scale, _ = plain_quantize(_as_hwio(kernel), bits=w_bits, per_channel=config.per_channel,
+        codes, scale, _ = _plain_jit(_as_hwio(kernel), bits=w_bits, per_channel=config.per_channel,
                                          rounding=config.rounding)
         out["w_codes"] = np.asarray(codes).reshape(kernel.shape).astype(storage_dtype(w_bits))
         out["w_scale"] = np.asarray(scale, np.float32)
     elif scheme == "cfws":
-        cw = cfws_quantize(kernel, CFWSConfig(bits=w_bits, extract_center=config.cfws_extract_center,
+        cw = _cfws_jit(kernel, CFWSConfig(bits=w_bits, extract_center=config.cfws_extract_center,
                                               coarse=config.cfws_coarse, rounding=config.rounding))
         dt = storage_dtype(w_bits)
         out.update(w_codes=np.asarray(cw.fine_codes).astype(dt), w_scale=np.asarray(cw.fine_scale, np.float32),
