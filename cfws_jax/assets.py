@@ -63,3 +63,15 @@ def load_shipped_model(name: str = "repvgg_a0_cifar"):
     if not path.exists():
         raise FileNotFoundError(f"shipped model file {path} is missing from this installation")
     return arch, load_npz_variables(path), form
+
+
+def load_params(spec) -> tuple[dict, dict]:
+    """``(variables, metadata)`` from an orbax directory written by ``cfws-jax convert`` or from
+    ``shipped:NAME`` (a model shipped in the package, e.g. ``shipped:repvgg_a0_cifar``)."""
+    spec = str(spec)
+    if spec.startswith("shipped:"):
+        arch, variables, form = load_shipped_model(spec[len("shipped:"):])
+        return variables, {"arch": arch, "form": form, "source": spec}
+    from cfws_jax import io
+
+    return io.load_variables(spec)

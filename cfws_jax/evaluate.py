@@ -70,6 +70,9 @@ def evaluate_classifier(apply_fn, source, *, batch_size: int = 64, limit: int | 
     when the source has more classes than the model outputs or holds no images.
     """
     total = source.count(limit)
+    if source.num_classes == 0:
+        raise ValueError(f"{source.spec} [{source.split}]: the images are unlabeled (no class "
+                         "sub-folders); evaluation needs one sub-folder per class")
     if total == 0:
         raise ValueError(f"{source.spec} [{source.split}]: no images to evaluate")
     step = make_eval_step(apply_fn)

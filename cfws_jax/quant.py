@@ -207,6 +207,19 @@ def fake_quant(x, scale, zero_point=0, spec: QuantSpec = QuantSpec()):
     return y.astype(x.dtype)
 
 
+def fake_quant_symmetric(x, amax, qmax, rounding: Rounding = "half_even"):
+    """Per-tensor symmetric fake-quant with codes in ``[-qmax, qmax]``, where ``qmax`` may be a
+    traced value (one compiled program serves several bit-widths). ``amax <= ZERO_AMAX`` gives
+    scale 1. Same result as :func:`fake_quant` with a signed narrow spec of ``qmax``; for
+    non-negative ``x`` also the same as an unsigned spec with that ``qmax``."""
+    x = jnp.asarray(x)
+    amax = jnp.asarray(amax, jnp.float32)
+    qmax = jnp.asarray(qmax, jnp.float32)
+    s = jnp.where(amax > ZERO_AMAX, _div(amax, qmax), jnp.ones_like(amax))
+    t = round_values(_div(x.astype(jnp.float32), s), rounding)
+    return (jnp.clip(t, -qmax, qmax) * s).astype(x.dtype)
+
+
 def calibrate_minmax(x, spec: QuantSpec = QuantSpec()):
     """Scale and zero point from the data's own range (max |x|, or min/max when asymmetric)."""
     if spec.symmetric:

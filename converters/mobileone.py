@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import re
 
+from converters.naming import original_path, timm_path
+
 FAMILY = "mobileone"
-_BLOCK = re.compile(r"^stage(\d+)_(\d+)$")
 _BRANCH = re.compile(r"^rbr_conv_(\d+)$")
 
 _TIMM_PARTS = {"rbr_scale": "conv_scale", "rbr_skip": "identity", "se": "attn", "reduce": "fc1", "expand": "fc2"}
@@ -29,19 +30,11 @@ def _branch(part: str, name: str) -> str:
 
 
 def _apple(path: tuple[str, ...]) -> str:
-    head, *rest = path
-    m = _BLOCK.match(head)
-    head = f"stage{m.group(1)}.{m.group(2)}" if m else head
-    return ".".join([head, *(_branch(p, "rbr_conv") for p in rest)])
+    return original_path(path, lambda p: _branch(p, "rbr_conv"))
 
 
 def _timm(path: tuple[str, ...]) -> str:
-    head, *rest = path
-    if head == "linear":
-        return "head.fc"
-    m = _BLOCK.match(head)
-    head = "stem" if head == "stage0" else f"stages.{int(m.group(1)) - 1}.{m.group(2)}"
-    return ".".join([head, *(_TIMM_PARTS.get(p, _branch(p, "conv_kxk")) for p in rest)])
+    return timm_path(path, lambda p: _TIMM_PARTS.get(p, _branch(p, "conv_kxk")))
 
 
 DIALECTS = {"apple": _apple, "timm": _timm}

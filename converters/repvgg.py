@@ -14,10 +14,9 @@ Dialects (FORMATS.md §2.3, §2.6):
 
 from __future__ import annotations
 
-import re
+from converters.naming import original_path, timm_path
 
 FAMILY = "repvgg"
-_BLOCK = re.compile(r"^stage(\d+)_(\d+)$")
 
 _TIMM_PARTS = {
     "rbr_dense": "conv_kxk",
@@ -31,19 +30,11 @@ _TIMM_PARTS = {
 
 
 def _dingxiaoh(path: tuple[str, ...]) -> str:
-    head, *rest = path
-    m = _BLOCK.match(head)
-    head = f"stage{m.group(1)}.{m.group(2)}" if m else head
-    return ".".join([head, *rest])
+    return original_path(path)
 
 
 def _timm(path: tuple[str, ...]) -> str:
-    head, *rest = path
-    if head == "linear":
-        return "head.fc"
-    m = _BLOCK.match(head)
-    head = "stem" if head == "stage0" else f"stages.{int(m.group(1)) - 1}.{m.group(2)}"
-    return ".".join([head, *(_TIMM_PARTS.get(p, p) for p in rest)])
+    return timm_path(path, lambda p: _TIMM_PARTS.get(p, p))
 
 
 DIALECTS = {"dingxiaoh": _dingxiaoh, "timm": _timm}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 import types
 
+import jax.numpy as jnp
 import numpy as np
+
+from cfws_jax.evaluate import evaluate_classifier
 import pytest
 
 PIL_Image = pytest.importorskip("PIL.Image")
@@ -176,8 +179,11 @@ def test_folder_errors(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     random_image(np.random.default_rng(0), 10, 10).save(flat / "a.jpg")
-    with pytest.raises(ValueError, match="no class sub-folders"):
-        open_source(str(flat))
+    unlabeled = open_source(str(flat))  # images without class folders: calibration only
+    assert unlabeled.num_images == 1 and unlabeled.num_classes == 0
+    assert unlabeled.load([0])[1].tolist() == [-1]
+    with pytest.raises(ValueError, match="unlabeled"):
+        evaluate_classifier(lambda x: jnp.zeros((x.shape[0], 3)), unlabeled, progress=False)
     with pytest.raises(ValueError, match=r"unknown split 'dev'") as e:
         open_source(str(empty), split="dev")
     assert str(empty) in str(e.value)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cfws_jax import quant
 from cfws_jax.quant import (
     ZERO_AMAX,
     QuantSpec,
@@ -272,3 +273,22 @@ def test_jit_matches_eager():
         np.testing.assert_array_equal(np.asarray(jf), np.asarray(fake_quant(x, s, zp, spec)))
         jd = jax.jit(dequantize, static_argnames="spec")(jq, s, zp, spec=spec)
         np.testing.assert_array_equal(np.asarray(jd), np.asarray(dequantize(jq, s, zp, spec)))
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("rounding", ["half_even", "half_up"])
+def test_fake_quant_symmetric_with_traced_bound_equals_fake_quant(bits, rounding):
+    """The runtime's per-tensor fake-quant takes qmax as a traced value; it must equal the
+    static-spec quantizer (signed narrow; unsigned on non-negative data)."""
+    rng = np.random.default_rng(bits)
+    x = rng.normal(0, 2, (257,)).astype(np.float32)
+    x[:5] = [0.5, -0.5, 1.5, 2.5, -2.5]  # ties at scale 1
+    f = jax.jit(quant.fake_quant_symmetric, static_argnums=3)
+    for amax in (np.float32(3.7), np.float32(2 ** (bits - 1) - 1), np.float32(0.0)):
+        spec = quant.QuantSpec(bits=bits, rounding=rounding)
+        want = quant.fake_quant(x, quant.scale_from_amax(amax, spec), 0, spec)
+        np.testing.assert_array_equal(f(x, amax, np.float32(spec.qmax), rounding), want)
+        uspec = quant.QuantSpec(bits=bits, signed=False, rounding=rounding)
+        pos = np.abs(x)
+        want_u = quant.fake_quant(pos, quant.scale_from_amax(amax, uspec), 0, uspec)
+        np.testing.assert_array_equal(f(pos, amax, np.float32(uspec.qmax), rounding), want_u)

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 accuracy of a float or quantized classifier")
     p.add_argument("--arch", required=True, help="architecture name, e.g. repvgg_a0")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--params", metavar="DIR", help="float variables written by cfws_jax.io")
+    src.add_argument("--params", metavar="DIR", help="float variables written by cfws-jax convert, or shipped:NAME")
     src.add_argument("--quantized", metavar="QDIR", help="quantized model written by cfws-jax ptq")
     p.add_argument("--data", required=True, metavar="SRC",
                    help="image folder (class per sub-folder), CIFAR-style .npz, or tfds:NAME")
@@ -51,9 +51,9 @@ def float_apply_fn(arch: str, params_dir):
     """Load float variables and build ``fn(images NHWC) -> logits`` for ``arch``."""
     import jax
 
-    io = importlib.import_module("cfws_jax.io")
+    assets = importlib.import_module("cfws_jax.assets")
     models = importlib.import_module("cfws_jax.models")
-    variables, meta = io.load_variables(params_dir)
+    variables, meta = assets.load_params(params_dir)
     _check_arch(arch, _meta(meta, "arch"), params_dir)
     deploy = _meta(meta, "form") == "deploy"
     model = models.create_model(arch, deploy=deploy)

@@ -21,7 +21,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("ptq", help="calibrate and quantize a model (CFWS + histogram calibration)")
     p.add_argument("--arch", required=True, help="architecture name, e.g. repvgg_a0")
-    p.add_argument("--params", required=True, metavar="DIR", help="variables written by cfws-jax convert")
+    p.add_argument("--params", required=True, metavar="DIR", help="variables written by cfws-jax convert, or shipped:NAME (e.g. shipped:repvgg_a0_cifar)")
     p.add_argument("--calib-data", required=True, metavar="SRC",
                    help="image folder, CIFAR-style .npz or tfds:NAME to draw calibration images from")
     p.add_argument("--calib-split", default="train", choices=("train", "val", "test"))
@@ -61,13 +61,13 @@ def _overrides(args) -> dict:
 
 
 def run(args) -> int:
-    from cfws_jax import io
+    from cfws_jax.assets import load_params
     from cfws_jax.data import calibration_batches, open_source
     from cfws_jax.ptq import get_preset, quantize, save_quantized
     from cfws_jax.ptq.report import format_report, layer_report, sensitivity, write_report
 
     config = get_preset(args.preset, **_overrides(args))
-    variables, meta = io.load_variables(args.params)
+    variables, meta = load_params(args.params)
     recorded = meta.get("arch") if isinstance(meta, dict) else None
     if recorded is not None and recorded != args.arch:
         raise ValueError(f"--arch {args.arch!r} disagrees with {args.params}, which records arch {recorded!r}")

@@ -37,8 +37,16 @@ def resolve_split_dir(root: Path, split: str) -> Path:
 
 
 def scan_folder(root: Path) -> tuple[tuple[str, ...], list[Path], np.ndarray]:
-    """(sorted class names, image paths, int32 labels) of a class-per-subfolder folder."""
+    """(sorted class names, image paths, int32 labels) of a class-per-subfolder folder.
+
+    A folder with no sub-folders but images directly inside is an *unlabeled* source (no class
+    names, labels -1): usable for calibration, refused by evaluation.
+    """
     classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    if not classes:
+        flat = sorted(f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if flat:
+            return (), flat, np.full((len(flat),), -1, np.int32)
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(f for f in (root / name).iterdir()

@@ -40,20 +40,21 @@ def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig,
     """amax ``(P,)`` of every point from the float network (``weights`` = float weights)."""
     P = len(plan.points)
     fwd = jitted_forward(model, plan, collect="all", num_bins=config.num_bins)
+    qmax = plan.qmax()
     off = jnp.zeros((P,), bool)
     dummy = jnp.ones((P,), jnp.float32)
     init_states = [calib.init(config.num_bins, "abs", "fixed", 0.0) for _ in range(P)]
     maxes = np.zeros((P,), np.float64)
     bar = Progress(total=2 * len(batches), desc="calibrate (parallel)", unit="batch", disable=not progress)
     for x in batches:  # pass 1: ranges
-        m = np.asarray(fwd(weights, dummy, off, x, states=init_states)["maxes"])
+        m = np.asarray(fwd(weights, dummy, qmax, off, x, states=init_states)["maxes"])
         maxes = np.maximum(maxes, m)
         bar.update()
     for p, m in zip(plan.points, maxes):
         _check_finite(m, p.name)
     states = [calib.init(config.num_bins, "abs", "fixed", float(m)) for m in maxes]
     for x in batches:  # pass 2: histograms
-        states = fwd(weights, dummy, off, x, states=states)["states"]
+        states = fwd(weights, dummy, qmax, off, x, states=states)["states"]
         bar.update()
     bar.close()
     return np.asarray([_amax_from(p, s, m, config) for p, s, m in zip(plan.points, states, maxes)],
@@ -64,6 +65,7 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
     """amax ``(P,)``, each point calibrated on quantized weights and quantized upstream tensors."""
     P = len(plan.points)
     fwd = jitted_forward(model, plan, collect="stage", num_bins=config.num_bins)
+    qmax = plan.qmax()
     amax = np.zeros((P,), np.float32)
     idx = np.arange(P)
     empty = calib.init(config.num_bins, "abs", "fixed", 0.0)
@@ -72,16 +74,16 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
         enabled = jnp.asarray(idx < i)
         a = jnp.asarray(amax)
         if len(batches) == 1:  # one batch: range and histogram from a single forward
-            out = fwd(weights, a, enabled, batches[0], stage=i, stage_state=None)
+            out = fwd(weights, a, qmax, enabled, batches[0], stage=i, stage_state=None)
             m, state = float(out["stage_max"]), out["stage_state"]
         else:
             m = 0.0
             for x in batches:  # pass 1: range
-                m = max(m, float(fwd(weights, a, enabled, x, stage=i, stage_state=empty)["stage_max"]))
+                m = max(m, float(fwd(weights, a, qmax, enabled, x, stage=i, stage_state=empty)["stage_max"]))
             state = calib.init(config.num_bins, "abs", "fixed", m)
             if p.method != "max":
                 for x in batches:  # pass 2: histogram
-                    state = fwd(weights, a, enabled, x, stage=i, stage_state=state)["stage_state"]
+                    state = fwd(weights, a, qmax, enabled, x, stage=i, stage_state=state)["stage_state"]
         _check_finite(m, p.name)
         amax[i] = m if p.method == "max" else _amax_from(p, state, m, config)
         bar.set_postfix(f"{p.name} amax={amax[i]:.4g}")

@@ -145,14 +145,15 @@ def quantized_apply_fn(qm: QuantizedModel, model: nn.Module | None = None, *, en
     model = _model_for(qm, model)
     weights = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in qm.dequantized_weights().items()}
     on = jnp.ones((len(qm.plan.points),), bool) if enabled is None else jnp.asarray(enabled, bool)
-    return jax.tree_util.Partial(_logits_fn(model, forward_key(qm.plan)), weights, jnp.asarray(qm.act_amax), on)
+    return jax.tree_util.Partial(_logits_fn(model, forward_key(qm.plan)), weights, jnp.asarray(qm.act_amax),
+                                 qm.plan.qmax(), on)
 
 
 @functools.lru_cache(maxsize=32)
 def _logits_fn(model: nn.Module, key: Plan):
-    """One jitted ``(weights, amax, enabled, x) -> logits`` per model and plan structure."""
+    """One jitted ``(weights, amax, qmax, enabled, x) -> logits`` per model and plan structure."""
     fwd = make_forward(model, key)
-    return jax.jit(lambda weights, amax, enabled, x: fwd(weights, amax, enabled, x)["logits"])
+    return jax.jit(lambda weights, amax, qmax, enabled, x: fwd(weights, amax, qmax, enabled, x)["logits"])
 
 
 def _nest(layers: Mapping[str, Mapping]) -> dict:

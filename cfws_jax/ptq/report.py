@@ -70,8 +70,8 @@ def layer_report(qm: QuantizedModel, variables: Mapping, images, model=None) -> 
     P = len(qm.plan.points)
     fwd = jitted_forward(model, qm.plan, return_outputs=True)
     amax = jnp.asarray(qm.act_amax)
-    f_out = fwd(fw, amax, jnp.zeros((P,), bool), x)
-    q_out = fwd(qw, amax, jnp.ones((P,), bool), x)
+    f_out = fwd(fw, amax, qm.plan.qmax(), jnp.zeros((P,), bool), x)
+    q_out = fwd(qw, amax, qm.plan.qmax(), jnp.ones((P,), bool), x)
     bops = network_bops([(lp.info.name, _geometry(lp.info), _bops_scheme(lp, qm.config)) for lp in qm.plan.layers],
                         qm.config.w_bits, qm.config.a_bits)
     rows = []
@@ -179,7 +179,7 @@ def sensitivity(qm: QuantizedModel, variables: Mapping, images, model=None) -> l
     P = len(qm.plan.points)
     fwd = jitted_forward(model, qm.plan)
     amax = jnp.asarray(qm.act_amax)
-    ref = np.asarray(fwd(fw, amax, jnp.zeros((P,), bool), x)["logits"], np.float64)
+    ref = np.asarray(fwd(fw, amax, qm.plan.qmax(), jnp.zeros((P,), bool), x)["logits"], np.float64)
     ref_p = _softmax(ref)
     rows = []
     for lp in qm.plan.layers:
@@ -189,7 +189,7 @@ def sensitivity(qm: QuantizedModel, variables: Mapping, images, model=None) -> l
         for idx in (lp.in_point, lp.out_point):
             if idx is not None:
                 en[idx] = True
-        out = np.asarray(fwd(w, amax, jnp.asarray(en), x)["logits"], np.float64)
+        out = np.asarray(fwd(w, amax, qm.plan.qmax(), jnp.asarray(en), x)["logits"], np.float64)
         kl = float(np.mean(np.sum(ref_p * (np.log(ref_p + 1e-12) - np.log(_softmax(out) + 1e-12)), -1)))
         rows.append({"layer": lp.info.name, "logits_sqnr_db": sqnr_db(ref, out), "logits_kl": kl})
     return sorted(rows, key=lambda r: (r["logits_sqnr_db"], r["layer"]))

@@ -7,8 +7,9 @@
 
 * ``weights``: ``{layer: {"kernel": HWIO or [in, out] float32, "bias": (O,)}}``, the (already
   dequantized) weights to use; the model's own params are not read.
-* ``amax``: ``(P,)`` float32 per quantization point; ``enabled``: ``(P,)`` bool, points whose
-  quantizer is active (``False`` = pass the float tensor through).
+* ``amax``: ``(P,)`` float32 per quantization point; ``qmax``: ``(P,)`` largest integer code
+  (``plan.qmax()``); ``enabled``: ``(P,)`` bool, points whose quantizer is active (``False`` =
+  pass the float tensor through).
 * ``collect="stage"``: also return the max and a histogram (``cfws_jax.calib`` fixed-range
   state) of the tensor at point ``stage`` only (sequential calibration);
   ``collect="all"``: max and histogram of every point (parallel calibration);
@@ -31,7 +32,7 @@ from cfws_jax.cfws import is_splittable
 from cfws_jax.models.layers import QConv, QDense, activation, conv2d
 from cfws_jax.ptq.config import QuantConfig
 from cfws_jax.ptq.graph import LayerInfo, layer_name
-from cfws_jax.quant import QuantSpec, fake_quant, scale_from_amax
+from cfws_jax.quant import QuantSpec, fake_quant_symmetric
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +46,11 @@ class Point:
     bits: int
     unsigned: bool
     before_act: bool = False  # an output point placed before the layer's activation
+    rounding: str = "half_even"
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, signed=not self.unsigned)
+        return QuantSpec(bits=self.bits, signed=not self.unsigned, rounding=self.rounding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,10 @@ class LayerPlan:
 class Plan:
     layers: tuple[LayerPlan, ...]
     points: tuple[Point, ...]
+
+    def qmax(self):
+        """``(P,)`` float32 largest code of every point (a forward argument, not a constant)."""
+        return jnp.asarray([p.spec.qmax for p in self.points], jnp.float32)
 
     def layer(self, name: str) -> LayerPlan:
         for lp in self.layers:
@@ -101,14 +107,15 @@ def build_plan(layers: list[LayerInfo], config: QuantConfig) -> Plan:
         fully_float = config.keeps_float(info.name)
         if not upstream_quantized and not fully_float and (i > 0 or config.quantize_input):
             method = config.input_method if info.input_from is None and i == 0 else config.method_for(False)
-            points.append(Point(f"{info.name}:in", info.name, "abs", method, config.a_bits, False))
+            points.append(Point(f"{info.name}:in", info.name, "abs", method, config.a_bits, False,
+                                rounding=config.rounding))
             in_point = len(points) - 1
         if i != last and not fully_float:
             fused = info.act == "relu" and config.relu_fusion
             points.append(Point(
                 f"{info.name}:out", info.name, "relu" if fused else "abs", config.method_for(info.rep),
                 config.a_bits, bool(config.act_unsigned and fused),
-                before_act=info.act == "relu" and not fused))
+                before_act=info.act == "relu" and not fused, rounding=config.rounding))
             out_point = len(points) - 1
         has_out[info.name] = out_point is not None
         plans.append(LayerPlan(info, scheme, w_bits, in_point, out_point))
@@ -125,7 +132,7 @@ def layer_linear(info: LayerInfo, x, kernel, bias):
 
 def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, return_outputs: bool = False,
                  num_bins: int = 2048):
-    """Pure ``forward(weights, amax, enabled, x, stage=None, stage_state=None, states=None) -> dict``.
+    """Pure ``forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None) -> dict``.
 
     Returns ``{"logits"}`` plus ``"stage_max"``, ``"stage_state"`` (collect="stage"),
     ``"maxes"`` ``(P,)``, ``"states"`` (collect="all"), ``"outputs"`` (return_outputs).
@@ -134,7 +141,7 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
         raise ValueError(f"collect must be None, 'stage' or 'all', got {collect!r}")
     by_name = {lp.info.name: lp for lp in plan.layers}
 
-    def forward(weights, amax, enabled, x, stage=None, stage_state=None, states=None):
+    def forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None):
         out: dict = {"outputs": {}}
         if collect == "stage":
             out["stage_max"] = jnp.zeros((), jnp.float32)
@@ -159,8 +166,7 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
             if collect == "all":
                 out["maxes"][i] = calib.max_abs(v)
                 out["states"][i] = calib.update(out["states"][i], v)
-            spec = p.spec
-            q = fake_quant(t, scale_from_amax(amax[i], spec), 0, spec)
+            q = fake_quant_symmetric(t, amax[i], qmax[i], p.rounding)
             return jnp.where(enabled[i], q, t)
 
         def interceptor(next_fun, args, kwargs, context):
@@ -195,8 +201,9 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
 
 
 def forward_key(plan: Plan) -> Plan:
-    """The part of a plan the forward depends on (amax methods only matter on the host)."""
-    return Plan(plan.layers, tuple(dataclasses.replace(p, method="") for p in plan.points))
+    """The part of a plan the compiled forward depends on: amax methods only matter on the host
+    and bit-widths arrive as the traced ``qmax`` argument."""
+    return Plan(plan.layers, tuple(dataclasses.replace(p, method="", bits=8, unsigned=False) for p in plan.points))
 
 
 @functools.lru_cache(maxsize=32)
