@@ -23,10 +23,10 @@ import numpy as np
 
 from cfws_jax.assets import load_shipped_model
 from cfws_jax.data import calibration_batches, open_source
-from cfws_jax.demo import bops_ratio
 from cfws_jax.evaluate import evaluate_classifier
 from cfws_jax.models import create_model, fuse
 from cfws_jax.ptq import QuantConfig, get_preset, quantize, quantized_apply_fn
+from cfws_jax.ptq.report import bops_ratio
 
 MAIN = {"minmax": get_preset("minmax"), "kl": get_preset("kl"), "cfws_minmax": get_preset("cfws_minmax"),
         "cfws_kl": get_preset("cfws_kl")}

@@ -15,7 +15,6 @@ import time
 import jax
 import numpy as np
 
-from cfws_jax.bops import network_bops
 from cfws_jax.progress import Progress
 
 DEMO_PRESETS = ("minmax", "kl", "cfws_minmax", "cfws_kl")
@@ -47,14 +46,6 @@ def resolve_data(data: str | None) -> str:
             "class sub-folders), or install tensorflow-datasets and prepare 'cifar10'") from None
 
 
-def bops_ratio(qm) -> float:
-    """BOPs of the quantized model relative to plain INT8 at the same bit-widths."""
-    from cfws_jax.ptq.report import _bops_scheme, _geometry
-
-    rows = [(lp.info.name, _geometry(lp.info), _bops_scheme(lp, qm.config)) for lp in qm.plan.layers]
-    return network_bops(rows, qm.config.w_bits, qm.config.a_bits)["ratio_vs_int8"]
-
-
 def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_PRESETS, settings=DEMO_SETTINGS,
              num_calib: int = 32, seed: int = 0, batch_size: int = 250, progress: bool = True,
              log=sys.stderr) -> tuple[float, list[DemoRow], dict]:
@@ -64,6 +55,7 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
     from cfws_jax.evaluate import evaluate_classifier
     from cfws_jax.models import create_model, fuse
     from cfws_jax.ptq import get_preset, quantize, quantized_apply_fn
+    from cfws_jax.ptq.report import bops_ratio
 
     spec = resolve_data(data)
     arch, variables, _ = load_shipped_model()

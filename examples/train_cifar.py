@@ -132,9 +132,9 @@ def main(argv=None):
     start_epoch, epochs = 0, args.epochs
     ckpt_dir = os.path.abspath(os.path.join(args.out, "ckpt"))
     log = {"arch": args.arch, "device": str(jax.devices()[0]), "seed": args.seed, "history": []}
-    resumed = _try_restore(ckpt_dir, (params, batch_stats, opt_state))
+    resumed = _try_restore(ckpt_dir, (params, batch_stats, opt_state, rng))
     if resumed is not None:
-        (params, batch_stats, opt_state), meta = resumed
+        (params, batch_stats, opt_state, rng), meta = resumed
         start_epoch, epochs = meta["epoch"], meta["epochs"]
         log = meta["log"]
         for _ in range(start_epoch):  # replay the permutation stream for determinism
@@ -171,7 +171,7 @@ def main(argv=None):
         log["history"].append({"epoch": epoch, "seconds": round(dt, 2), "test_top1": test_acc})
         print(json.dumps(log["history"][-1]), file=sys.stderr)
         if epoch % args.ckpt_every == 0 and epoch < epochs:
-            _try_save(ckpt_dir, (params, batch_stats, opt_state), {"epoch": epoch, "epochs": epochs, "log": log})
+            _try_save(ckpt_dir, (params, batch_stats, opt_state, rng), {"epoch": epoch, "epochs": epochs, "log": log})
 
     log.update(epochs=epochs, wall_seconds=round(time.time() - t0, 1),
                test_top1=evaluate(params, batch_stats), steps_per_epoch=steps_per_epoch,

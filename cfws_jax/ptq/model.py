@@ -52,7 +52,7 @@ class QuantizedModel:
                 for name, q in self.layers.items()}
 
 
-def _resolve_model(arch_or_model, variables, num_classes):
+def resolve_model(arch_or_model, variables, num_classes):
     """(arch name or None, deploy-form Flax module, deploy-form params)."""
     from cfws_jax.models import create_model, fuse
 
@@ -67,7 +67,7 @@ def _resolve_model(arch_or_model, variables, num_classes):
     return arch, create_model(arch, deploy=True, num_classes=num_classes), params
 
 
-def _layer_params(params, name: str) -> Mapping:
+def layer_params(params, name: str) -> Mapping:
     node = params
     for part in name.split("/"):
         if part not in node:
@@ -102,14 +102,14 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
       config: a :class:`QuantConfig` (see ``cfws_jax.ptq.PRESETS``).
     """
     batches = _stack_batches(calibration_batches)
-    arch, model, params = _resolve_model(arch_or_model, variables, num_classes)
+    arch, model, params = resolve_model(arch_or_model, variables, num_classes)
     input_shape = (1, *batches[0].shape[1:])
     layers = discover_layers(model, {"params": params}, input_shape)
     plan = build_plan(layers, config)
 
     float_w, q_layers = {}, {}
     for lp in plan.layers:
-        p = _layer_params(params, lp.info.name)
+        p = layer_params(params, lp.info.name)
         float_w[lp.info.name] = {k: jnp.asarray(v, jnp.float32) for k, v in p.items() if k in ("kernel", "bias")}
         q_layers[lp.info.name] = quantize_layer(p["kernel"], p.get("bias"), lp.scheme, lp.w_bits, config)
     quant_w = {n: {k: jnp.asarray(v) for k, v in dequantize_layer(q).items()} for n, q in q_layers.items()}
@@ -126,7 +126,7 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
                           config=config, plan=plan, meta_json=json.dumps(meta, sort_keys=True))
 
 
-def _model_for(qm: QuantizedModel, model: nn.Module | None):
+def model_for(qm: QuantizedModel, model: nn.Module | None):
     if model is not None:
         return model
     if not qm.arch:
@@ -142,7 +142,7 @@ def quantized_apply_fn(qm: QuantizedModel, model: nn.Module | None = None, *, en
     Returned as a ``jax.tree_util.Partial`` whose arguments carry the dequantized weights, so
     they are jit arguments rather than constants baked into the compiled program.
     """
-    model = _model_for(qm, model)
+    model = model_for(qm, model)
     weights = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in qm.dequantized_weights().items()}
     on = jnp.ones((len(qm.plan.points),), bool) if enabled is None else jnp.asarray(enabled, bool)
     return jax.tree_util.Partial(_logits_fn(model, forward_key(qm.plan)), weights, jnp.asarray(qm.act_amax),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfws_jax.bops import ConvGeometry, network_bops
-from cfws_jax.ptq.model import QuantizedModel, _layer_params, _model_for, _resolve_model
+from cfws_jax.ptq.model import QuantizedModel, layer_params, model_for, resolve_model
 from cfws_jax.ptq.runtime import jitted_forward
 
 
@@ -42,28 +42,34 @@ def cosine(a, b) -> float:
 def _float_weights(qm: QuantizedModel, variables):
     """Float ``{layer: {"kernel", "bias"}}`` of the original model (train-form variables are fused)."""
     if "batch_stats" in variables and qm.arch:
-        _, _, params = _resolve_model(qm.arch, variables, qm.num_classes)
+        _, _, params = resolve_model(qm.arch, variables, qm.num_classes)
     else:
         params = variables["params"]
-    return {lp.info.name: {k: jnp.asarray(v, jnp.float32) for k, v in _layer_params(params, lp.info.name).items()
+    return {lp.info.name: {k: jnp.asarray(v, jnp.float32) for k, v in layer_params(params, lp.info.name).items()
                            if k in ("kernel", "bias")} for lp in qm.plan.layers}
 
 
-def _bops_scheme(lp, config) -> str:
+def bops_scheme(lp, config) -> str:
     if lp.scheme == "cfws":
         return "cfws" if config.cfws_extract_center else "split_whole"
     return "int16_weights" if lp.w_bits == 16 else "int8"
 
 
-def _geometry(info) -> ConvGeometry:
+def geometry(info) -> ConvGeometry:
     if info.kind == "dense":
         return ConvGeometry(1, info.kernel_shape[0], info.kernel_shape[1])
     return ConvGeometry.from_kernel(info.kernel_shape, info.out_shape[1], info.out_shape[2], info.groups)
 
 
+def bops_ratio(qm: QuantizedModel) -> float:
+    """Total BOPs of the quantized model relative to plain INT8 at the same bit-widths."""
+    rows = [(lp.info.name, geometry(lp.info), bops_scheme(lp, qm.config)) for lp in qm.plan.layers]
+    return network_bops(rows, qm.config.w_bits, qm.config.a_bits)["ratio_vs_int8"]
+
+
 def layer_report(qm: QuantizedModel, variables: Mapping, images, model=None) -> dict:
     """``{"layers": [row, ...], "totals": {...}}`` (see module docstring). images: NHWC float32."""
-    model = _model_for(qm, model)
+    model = model_for(qm, model)
     x = jnp.asarray(images, jnp.float32)
     fw = _float_weights(qm, variables)
     qw = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in qm.dequantized_weights().items()}
@@ -72,7 +78,7 @@ def layer_report(qm: QuantizedModel, variables: Mapping, images, model=None) -> 
     amax = jnp.asarray(qm.act_amax)
     f_out = fwd(fw, amax, qm.plan.qmax(), jnp.zeros((P,), bool), x)
     q_out = fwd(qw, amax, qm.plan.qmax(), jnp.ones((P,), bool), x)
-    bops = network_bops([(lp.info.name, _geometry(lp.info), _bops_scheme(lp, qm.config)) for lp in qm.plan.layers],
+    bops = network_bops([(lp.info.name, geometry(lp.info), bops_scheme(lp, qm.config)) for lp in qm.plan.layers],
                         qm.config.w_bits, qm.config.a_bits)
     rows = []
     for lp, b in zip(qm.plan.layers, bops["layers"]):
@@ -172,7 +178,7 @@ def write_report(report: dict, path: str) -> None:
 
 def sensitivity(qm: QuantizedModel, variables: Mapping, images, model=None) -> list[dict]:
     """Quantize each layer alone; ``[{"layer", "logits_sqnr_db", "logits_kl"}]``, most damaging first."""
-    model = _model_for(qm, model)
+    model = model_for(qm, model)
     x = jnp.asarray(images, jnp.float32)
     fw = _float_weights(qm, variables)
     qw = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in qm.dequantized_weights().items()}
