@@ -61,7 +61,8 @@ class Progress:
                 self.stream.write(self._line() + "\n")
 
     def close(self) -> None:
-        if not self.disable:
+        already_final = not self._tty and self.total and self.n >= self.total and self._last_decile >= 10
+        if not self.disable and not already_final:
             self.stream.write(("\r" if self._tty else "") + self._line() + "\n")
             self.stream.flush()
         self.disable = True

@@ -135,3 +135,16 @@ def test_mobileone_s0_real_weights_golden_logits(tmp_path, shared_data, capsys):
     ref = npz["_ref_logits"]
     np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
     assert int(np.argmax(logits)) == int(np.argmax(ref)) == 957
+
+
+def test_exclude_drops_named_extra_keys_explicitly(tmp_path, capsys):
+    """Extra arrays are an error naming them, unless --exclude drops them (and lists them)."""
+    sd = {k: v.numpy() for k, v in _random_train_state_dict("repvgg_cifar_small", "timm").items()}
+    path = tmp_path / "weights.npz"
+    np.savez(path, **sd, _ref_logits=np.zeros(10, np.float32))
+    assert main(["convert", "--checkpoint", str(path), "--out", str(tmp_path / "a")]) == 1
+    assert "_ref_logits" in capsys.readouterr().err
+    assert main(["convert", "--checkpoint", str(path), "--out", str(tmp_path / "b"), "--exclude", "_ref_*"]) == 0
+    assert "excluded    1 keys: _ref_logits" in capsys.readouterr().out
+    assert main(["convert", "--checkpoint", str(path), "--out", str(tmp_path / "c"), "--exclude", "nomatch*"]) == 1
+    assert "matched no key" in capsys.readouterr().err

@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--container-key", default=None,
                    help="take the state dict from this top-level key (default: ema > state_dict > model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cfws_jax checkpoint at --out")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="drop checkpoint keys matching this glob (repeatable; e.g. '_ref_*'); "
+                        "every dropped key is listed")
     p.set_defaults(func=run)
 
 
@@ -54,7 +57,16 @@ def run(args) -> int:
     from converters.torch_reader import read_state_dict
 
     src = read_state_dict(args.checkpoint, container_key=args.container_key)
-    res = convert_state_dict(src.state_dict, args.arch, num_classes=args.num_classes)
+    state_dict = src.state_dict
+    if args.exclude:
+        import fnmatch
+
+        dropped = sorted(k for k in state_dict if any(fnmatch.fnmatchcase(k, pat) for pat in args.exclude))
+        if not dropped:
+            raise ValueError(f"--exclude {args.exclude} matched no key of {args.checkpoint}")
+        print(f"excluded    {len(dropped)} keys: {', '.join(dropped)}")
+        state_dict = {k: v for k, v in state_dict.items() if k not in set(dropped)}
+    res = convert_state_dict(state_dict, args.arch, num_classes=args.num_classes)
     variables, form = res.variables, res.form
     fused = False
     if args.deploy and form == "train":
