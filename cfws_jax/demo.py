@@ -13,7 +13,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from cfws_jax.progress import Progress
 
@@ -92,8 +91,8 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
 def format_table(float_top1: float, rows: list[DemoRow], info: dict) -> str:
     lines = [f"{info['arch']} on {info['eval_images']} CIFAR-10 test images "
              f"(calibration: {info['calib_images']} train images, seed {info['seed']}; {info['device']})",
-             f"| setting | preset | top-1 (%) | drop vs float (pts) | BOPs vs INT8 |",
-             f"|---|---|---|---|---|",
+             "| setting | preset | top-1 (%) | drop vs float (pts) | BOPs vs INT8 |",
+             "|---|---|---|---|---|",
              f"| float32 | - | {100 * float_top1:.2f} | - | - |"]
     for r in rows:
         lines.append(f"| {r.setting} | {r.preset} | {100 * r.top1:.2f} | {100 * r.drop:+.2f} | {r.bops_ratio:.3f}x |")

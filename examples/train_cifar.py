@@ -142,6 +142,7 @@ def main(argv=None):
         print(f"resumed from {ckpt_dir} at epoch {start_epoch}/{epochs}", file=sys.stderr)
 
     t0 = time.time()
+    times: list[float] = []
     epoch = start_epoch
     while epoch < epochs:
         te = time.time()
@@ -161,9 +162,12 @@ def main(argv=None):
         bar.close()
         epoch += 1
         dt = time.time() - te
-        if epoch == start_epoch + 2 and args.max_minutes and resumed is None:
-            # epoch 1 includes compilation; time the plan on epoch 2
-            fit = epoch + int((args.max_minutes * 60 - (time.time() - t0)) / max(dt * 1.05, 1e-3))
+        times.append(dt)
+        if args.max_minutes and epoch >= start_epoch + 2:
+            # re-plan every epoch from the mean epoch time so far (epoch 1 includes compilation);
+            # the plan only shrinks, so the cosine schedule ends inside the budget
+            per_epoch = 1.1 * sum(times[1:]) / len(times[1:])
+            fit = epoch + int((args.max_minutes * 60 - (time.time() - t0)) / per_epoch)
             if fit < epochs:
                 epochs = max(fit, epoch)
                 print(f"time budget {args.max_minutes} min: training {epochs} epochs", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import jax
@@ -191,8 +190,7 @@ def test_eval_command_float_params_path(tmp_path, capsys, monkeypatch):
     data = make_npz(tmp_path / "d.npz")
     calls = []
     meta = {"arch": "tiny", "form": "deploy"}
-    io = types.ModuleType("cfws_jax.io")
-    io.load_variables = lambda d: ({"params": {"w": np.zeros(1)}}, dict(meta))
+    import cfws_jax.io
 
     class FakeModel:
         def __init__(self, deploy):
@@ -203,7 +201,7 @@ def test_eval_command_float_params_path(tmp_path, capsys, monkeypatch):
             assert isinstance(variables["params"]["w"], jax.core.Tracer)  # passed, not baked in
             return gather_model(x)
 
-    monkeypatch.setitem(sys.modules, "cfws_jax.io", io)
+    monkeypatch.setattr(cfws_jax.io, "load_variables", lambda d: ({"params": {"w": np.zeros(1)}}, dict(meta)))
     monkeypatch.setattr(cfws_jax.models, "create_model", lambda arch, deploy=False: FakeModel(deploy))
     argv = ["eval", "--arch", "tiny", "--params", str(tmp_path), "--data", str(data), "--json", "--no-progress"]
     rc, out, _ = run_cli(argv, capsys)

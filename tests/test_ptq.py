@@ -196,8 +196,6 @@ def test_multi_batch_sequential_equals_union_statistics_for_max():
 
 
 def test_save_restore_is_bit_identical(tmp_path):
-    _, variables = _tiny_params()
-    x = _images(4)
     # registry architecture so it can be restored by name
     arch = "repvgg_cifar_small"
     model = create_model(arch, deploy=True)
@@ -284,3 +282,19 @@ def test_input_of_the_wrong_rank_or_channels_is_rejected():
         quantize(arch, params, [np.zeros((1, 32, 32, 4), np.float32)], get_preset("minmax"), progress=False)
     with pytest.raises(ValueError, match="cannot run on inputs of shape"):
         quantize(arch, params, [np.zeros((2, 32, 32), np.float32)], get_preset("minmax"), progress=False)
+
+
+@pytest.mark.parametrize("rounding", ["half_even", "half_up"])
+def test_int16_bias_codes_match_numpy_reference(rounding):
+    model, variables = _tiny_params()
+    qm = quantize(model, variables, [_images(4)], get_preset("cfws_kl", bias="int16", rounding=rounding),
+                  progress=False)
+    for name in ("stage0", "stage2_0"):
+        b = np.asarray(variables["params"][name]["rbr_reparam"]["bias"], np.float32)
+        q = qm.layers[f"{name}/rbr_reparam"]
+        s = np.float32(np.abs(b).max() / np.float32(32767))
+        t = b / s
+        want = np.round(t) if rounding == "half_even" else np.floor(t + np.float32(0.5))
+        assert q["b_codes"].dtype == np.int16 and np.abs(q["b_codes"]).max() == 32767
+        np.testing.assert_array_equal(q["b_codes"], want.astype(np.int16))
+        np.testing.assert_allclose(_dq_weights(qm)[f"{name}/rbr_reparam"]["bias"], b, atol=float(s) / 2 * 1.001)

@@ -15,7 +15,6 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": jax.nn.relu,

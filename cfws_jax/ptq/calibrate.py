@@ -13,7 +13,6 @@ the tensor's max over all calibration batches, pass 2 fills a fixed ``[0, max]``
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -14,7 +14,6 @@ import csv
 import json
 from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

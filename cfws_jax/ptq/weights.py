@@ -56,7 +56,9 @@ def quantize_layer(kernel, bias, scheme: str, w_bits: int, config: QuantConfig) 
         if config.bias == "int16" and scheme != "float":
             amax = float(np.max(np.abs(bias))) if bias.size else 0.0
             s = np.float32(amax / 32767.0) if amax > ZERO_AMAX else np.float32(1.0)
-            out["b_codes"] = np.clip(np.round(bias / s), -32767, 32767).astype(np.int16)
+            t = bias / s
+            t = np.round(t) if config.rounding == "half_even" else np.floor(t + np.float32(0.5))
+            out["b_codes"] = np.clip(t, -32767, 32767).astype(np.int16)
             out["b_scale"] = np.asarray(s, np.float32)
         else:
             out["bias"] = bias
