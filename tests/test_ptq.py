@@ -282,6 +282,8 @@ def test_input_of_the_wrong_rank_or_channels_is_rejected():
         quantize(arch, params, [np.zeros((1, 32, 32, 4), np.float32)], get_preset("minmax"), progress=False)
     with pytest.raises(ValueError, match="cannot run on inputs of shape"):
         quantize(arch, params, [np.zeros((2, 32, 32), np.float32)], get_preset("minmax"), progress=False)
+    with pytest.raises(ValueError, match=r"stage0/rbr_reparam: input of shape \(1, 0, 0, 3\) is too small"):
+        quantize(arch, params, [np.zeros((1, 0, 0, 3), np.float32)], get_preset("minmax"), progress=False)
 
 
 @pytest.mark.parametrize("rounding", ["half_even", "half_up"])
