@@ -164,3 +164,27 @@ def coarse_kernel(w: CFWSWeights, k: int):
 def fine_kernel(w: CFWSWeights):
     """Dequantized fine kernel ``s_f · qf``, HWIO."""
     return dequantize(w.fine_codes, w.fine_scale, 0, QuantSpec(axis=-1))
+
+
+def fold_input_channel_scales(kernel, input_scales, groups: int = 1):
+    """Fold per-input-channel activation scales into an HWIO kernel (ALGORITHM.md §3.6).
+
+    ``f[c] = s_x[c] / max(s_x)``; ``W'[..., j, o] = W[..., j, o] * f[g(o) * I/g + j]`` with the
+    **global** input channel of group ``g(o)``; the input is then per-tensor with scale
+    ``max(s_x)`` (its integer codes are unchanged). ``conv(x, W) == conv(x / f, W')`` in float.
+    Returns ``(W', s_x_tensor scalar, f (C,))``; the inputs are not modified. Run CFWS on ``W'``.
+    """
+    w = jnp.asarray(kernel, jnp.float32)
+    s = jnp.asarray(input_scales, jnp.float32)
+    kh, kw, ig, o = w.shape
+    if s.shape != (ig * groups,):
+        raise ValueError(f"input_scales must have shape ({ig * groups},) for a kernel {tuple(w.shape)} "
+                         f"with groups={groups}, got {tuple(s.shape)}")
+    if o % groups:
+        raise ValueError(f"output channels {o} not divisible by groups={groups}")
+    s_max = jnp.max(s)
+    f = s / s_max
+    # factor for (j, o): global input channel g(o) * ig + j, g(o) = o // (O / groups)
+    g_of_o = jnp.arange(o) // (o // groups)
+    factor = f[g_of_o[None, :] * ig + jnp.arange(ig)[:, None]]  # [I/g, O]
+    return w * factor[None, None], s_max, f

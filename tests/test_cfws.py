@@ -274,3 +274,25 @@ def test_is_splittable_and_errors():
         CFWSConfig(rounding="stochastic")
     # an even kernel can still be split without centre extraction
     check_against_ref(random_kernel(15, k=2), CFWSConfig(extract_center=False))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_fold_input_channel_scales_is_exact_in_float_and_pure(groups):
+    """§3.6: conv(x, W) == conv(x / f, W') with f indexed by the global input channel."""
+    from cfws_jax.cfws import fold_input_channel_scales
+    from test_fusion import conv_ref, to_oihw
+
+    rng = np.random.default_rng(groups)
+    c, o = 8, 8
+    kernel = rng.normal(0, 1, (3, 3, c // groups, o)).astype(np.float32)
+    kernel_copy = kernel.copy()
+    s_x = rng.uniform(0.01, 0.2, c).astype(np.float32)
+    w2, s_t, f = fold_input_channel_scales(kernel, s_x, groups)
+    np.testing.assert_array_equal(kernel, kernel_copy)  # input untouched
+    assert float(s_t) == float(s_x.max()) and np.all(np.asarray(f) <= 1)
+    x = rng.normal(0, 1, (2, c, 6, 6))
+    ref = conv_ref(x, to_oihw(kernel), 1, 1, groups)
+    folded = conv_ref(x / np.asarray(f, np.float64)[None, :, None, None], to_oihw(np.asarray(w2)), 1, 1, groups)
+    np.testing.assert_allclose(folded, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="input_scales must have shape"):
+        fold_input_channel_scales(kernel, s_x[:3], groups)
