@@ -46,10 +46,13 @@ class QuantizedModel:
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
 
-    def dequantized_weights(self) -> dict[str, dict[str, np.ndarray]]:
-        """``{layer: {"kernel", "bias"}}`` float32, rebuilt from the integer codes."""
-        return {name: dequantize_layer({k: np.asarray(v) for k, v in q.items()})
-                for name, q in self.layers.items()}
+    def dequantized_weights(self, as_jax: bool = False) -> dict[str, dict[str, Any]]:
+        """``{layer: {"kernel", "bias"}}`` float32, rebuilt from the integer codes (NumPy, or
+        device arrays with ``as_jax`` for the forward pass)."""
+        out = {name: dequantize_layer({k: np.asarray(v) for k, v in q.items()}) for name, q in self.layers.items()}
+        if as_jax:
+            out = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in out.items()}
+        return out
 
 
 def resolve_model(arch_or_model, variables, num_classes):
@@ -143,7 +146,7 @@ def quantized_apply_fn(qm: QuantizedModel, model: nn.Module | None = None, *, en
     they are jit arguments rather than constants baked into the compiled program.
     """
     model = model_for(qm, model)
-    weights = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in qm.dequantized_weights().items()}
+    weights = qm.dequantized_weights(as_jax=True)
     on = jnp.ones((len(qm.plan.points),), bool) if enabled is None else jnp.asarray(enabled, bool)
     return jax.tree_util.Partial(_logits_fn(model, forward_key(qm.plan)), weights, jnp.asarray(qm.act_amax),
                                  qm.plan.qmax(), on)

@@ -71,7 +71,7 @@ def layer_report(qm: QuantizedModel, variables: Mapping, images, model=None) -> 
     model = model_for(qm, model)
     x = jnp.asarray(images, jnp.float32)
     fw = _float_weights(qm, variables)
-    qw = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in qm.dequantized_weights().items()}
+    qw = qm.dequantized_weights(as_jax=True)
     P = len(qm.plan.points)
     fwd = jitted_forward(model, qm.plan, return_outputs=True)
     amax = jnp.asarray(qm.act_amax)
@@ -180,7 +180,7 @@ def sensitivity(qm: QuantizedModel, variables: Mapping, images, model=None) -> l
     model = model_for(qm, model)
     x = jnp.asarray(images, jnp.float32)
     fw = _float_weights(qm, variables)
-    qw = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in qm.dequantized_weights().items()}
+    qw = qm.dequantized_weights(as_jax=True)
     P = len(qm.plan.points)
     fwd = jitted_forward(model, qm.plan)
     amax = jnp.asarray(qm.act_amax)
