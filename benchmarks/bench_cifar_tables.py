@@ -21,12 +21,8 @@ import time
 import jax
 import numpy as np
 
-from cfws_jax.assets import load_shipped_model
-from cfws_jax.data import calibration_batches, open_source
-from cfws_jax.evaluate import evaluate_classifier
-from cfws_jax.models import create_model, fuse
-from cfws_jax.ptq import QuantConfig, get_preset, quantize, quantized_apply_fn
-from cfws_jax.ptq.report import bops_ratio
+from cfws_jax.demo import ShippedExperiment
+from cfws_jax.ptq import QuantConfig, get_preset
 
 MAIN = {"minmax": get_preset("minmax"), "kl": get_preset("kl"), "cfws_minmax": get_preset("cfws_minmax"),
         "cfws_kl": get_preset("cfws_kl")}
@@ -45,28 +41,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     settings = [tuple(int(v) for v in s.split(",")) for s in args.settings]
 
-    arch, variables, _ = load_shipped_model()
-    model = create_model(arch, deploy=True)
-    train, test = open_source(args.data, split="train"), open_source(args.data, split="test")
-    limit = None if args.limit == 0 else args.limit
-    n = test.count(limit)
-    deploy = fuse(arch, variables)
-    float_top1 = evaluate_classifier(jax.tree_util.Partial(jax.jit(lambda v, x: model.apply(v, x)), deploy), test,
-                                     batch_size=250, limit=limit, progress=False)["top1"]
-    print(f"{arch}, {n} CIFAR-10 test images, calibration 32 train images, seeds {args.seeds}, "
+    exp = ShippedExperiment.load(args.data, None if args.limit == 0 else args.limit)
+    float_top1 = exp.float_top1()
+    print(f"{exp.arch}, {exp.limit} CIFAR-10 test images, calibration 32 train images, seeds {args.seeds}, "
           f"device {jax.devices()[0]}; float top-1 {100 * float_top1:.2f}%\n")
 
     cache: dict = {}
 
     def run(cfg: QuantConfig, seed: int):
-        key = (cfg, seed)
-        if key not in cache:
-            calib = calibration_batches(train, 32, 32, seed)
-            qm = quantize(arch, variables, calib, cfg, progress=False)
-            top1 = evaluate_classifier(quantized_apply_fn(qm, model), test, batch_size=250, limit=limit,
-                                       progress=False)["top1"]
-            cache[key] = (top1, bops_ratio(qm))
-        return cache[key]
+        if (cfg, seed) not in cache:
+            cache[(cfg, seed)] = exp.quantized_top1(cfg, exp.calibration(32, seed))
+        return cache[(cfg, seed)]
 
     def table(title, configs, with_bops=False):
         t0 = time.perf_counter()

@@ -45,46 +45,87 @@ def resolve_data(data: str | None) -> str:
             "class sub-folders), or install tensorflow-datasets and prepare 'cifar10'") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class ShippedExperiment:
+    """The shipped model with its data: float and quantized top-1 on the first ``limit`` test images.
+
+    Shared by ``cfws-jax demo`` and ``benchmarks/bench_cifar_tables.py``.
+    """
+
+    data: str  # the resolved data source
+    arch: str
+    variables: dict  # training form
+    model: object  # deploy-form Flax module
+    deploy: dict
+    train: object
+    test: object
+    limit: int | None
+    batch_size: int = 250
+
+    @classmethod
+    def load(cls, data: str | None, limit: int | None, batch_size: int = 250) -> "ShippedExperiment":
+        from cfws_jax.assets import load_shipped_model
+        from cfws_jax.data import open_source
+        from cfws_jax.models import create_model, fuse
+
+        spec = resolve_data(data)
+        arch, variables, _ = load_shipped_model()
+        test = open_source(spec, split="test")
+        n = test.num_images if limit is None else min(limit, test.num_images)
+        return cls(spec, arch, variables, create_model(arch, deploy=True), fuse(arch, variables),
+                   open_source(spec, split="train"), test, n, batch_size)
+
+    def calibration(self, num_images: int = 32, seed: int = 0):
+        from cfws_jax.data import calibration_batches
+
+        return calibration_batches(self.train, num_images, min(num_images, 32), seed)
+
+    def _top1(self, apply_fn) -> float:
+        from cfws_jax.evaluate import evaluate_classifier
+
+        return evaluate_classifier(apply_fn, self.test, batch_size=self.batch_size, limit=self.limit,
+                                   progress=False)["top1"]
+
+    def float_top1(self) -> float:
+        model = self.model
+        return self._top1(jax.tree_util.Partial(jax.jit(lambda p, x: model.apply(p, x)), self.deploy))
+
+    def quantized_top1(self, config, calib) -> tuple[float, float]:
+        """``(top-1, BOPs relative to INT8)`` of the model quantized with ``config``."""
+        from cfws_jax.ptq import quantize, quantized_apply_fn
+        from cfws_jax.ptq.report import bops_ratio
+
+        qm = quantize(self.arch, self.variables, calib, config, progress=False)
+        return self._top1(quantized_apply_fn(qm, self.model)), bops_ratio(qm)
+
+
 def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_PRESETS, settings=DEMO_SETTINGS,
              num_calib: int = 32, seed: int = 0, batch_size: int = 250, progress: bool = True,
              log=sys.stderr) -> tuple[float, list[DemoRow], dict]:
     """Float top-1 and one :class:`DemoRow` per (setting, preset). ``limit=None``: full test split."""
-    from cfws_jax.assets import load_shipped_model
-    from cfws_jax.data import calibration_batches, open_source
-    from cfws_jax.evaluate import evaluate_classifier
-    from cfws_jax.models import create_model, fuse
-    from cfws_jax.ptq import get_preset, quantize, quantized_apply_fn
-    from cfws_jax.ptq.report import bops_ratio
+    from cfws_jax.ptq import get_preset
 
-    spec = resolve_data(data)
-    arch, variables, _ = load_shipped_model()
-    deploy = fuse(arch, variables)
-    model = create_model(arch, deploy=True)
-    train = open_source(spec, split="train")
-    test = open_source(spec, split="test")
-    n_eval = test.num_images if limit is None else min(limit, test.num_images)
-    print(f"model: {arch} (shipped, fused); calibration: {num_calib} train images, seed {seed}; "
-          f"evaluation: {'all' if n_eval == test.num_images else 'the first'} {n_eval} of "
-          f"{test.num_images} test images" + ("" if n_eval == test.num_images else " (--full for all)"), file=log)
-    calib = calibration_batches(train, num_calib, min(num_calib, 32), seed)
-    fn = jax.tree_util.Partial(jax.jit(lambda p, x: model.apply(p, x)), deploy)
-    float_top1 = evaluate_classifier(fn, test, batch_size=batch_size, limit=n_eval, progress=False)["top1"]
+    exp = ShippedExperiment.load(data, limit, batch_size)
+    n_eval, n_test = exp.limit, exp.test.num_images
+    print(f"model: {exp.arch} (shipped, fused); calibration: {num_calib} train images, seed {seed}; "
+          f"evaluation: {'all' if n_eval == n_test else 'the first'} {n_eval} of "
+          f"{n_test} test images" + ("" if n_eval == n_test else " (--full for all)"), file=log)
+    calib = exp.calibration(num_calib, seed)
+    float_top1 = exp.float_top1()
     print(f"float: top-1 {100 * float_top1:.2f}%", file=log)
     rows = []
     bar = Progress(total=len(settings) * len(presets), desc="demo", unit="model", disable=not progress)
     for w_bits, a_bits in settings:
         for name in presets:
             t0 = time.perf_counter()
-            qm = quantize(arch, variables, calib, get_preset(name, w_bits=w_bits, a_bits=a_bits), progress=False)
-            top1 = evaluate_classifier(quantized_apply_fn(qm, model), test, batch_size=batch_size, limit=n_eval,
-                                       progress=False)["top1"]
-            rows.append(DemoRow(f"W{w_bits}A{a_bits}", name, top1, top1 - float_top1, bops_ratio(qm),
+            top1, bops = exp.quantized_top1(get_preset(name, w_bits=w_bits, a_bits=a_bits), calib)
+            rows.append(DemoRow(f"W{w_bits}A{a_bits}", name, top1, top1 - float_top1, bops,
                                 time.perf_counter() - t0))
             bar.set_postfix(f"W{w_bits}A{a_bits} {name}: {100 * top1:.2f}%")
             bar.update()
     bar.close()
-    info = {"arch": arch, "data": spec, "eval_images": n_eval, "calib_images": num_calib, "seed": seed,
-            "device": str(jax.devices()[0])}
+    info = {"arch": exp.arch, "data": exp.data, "eval_images": n_eval,
+            "calib_images": num_calib, "seed": seed, "device": str(jax.devices()[0])}
     return float_top1, rows, info
 
 

@@ -46,10 +46,11 @@ def _fq(t, amax, qmax=127):
     return (np.clip(np.round(t / s), -qmax, qmax) * s).astype(np.float32)
 
 
-def ref_forward(model_cfg, weights, x, amax=None):
+def ref_forward(model_cfg, weights, x, amax=None, quantize=True):
     """Fake-quant forward of a deploy RepVGG (ReLU fusion, signed int8, input and linear-input
     quantizers) in NumPy. ``amax=None``: calibrate sequentially with the max method and return
-    the amax list too. weights: {layer: {"kernel": HWIO, "bias"}}."""
+    the amax list too; ``quantize=False``: the float network, the list holding its maxima.
+    weights: {layer: {"kernel": HWIO, "bias"}}."""
     from cfws_jax.models.repvgg import block_specs
 
     collected = []
@@ -57,7 +58,7 @@ def ref_forward(model_cfg, weights, x, amax=None):
     def point(t):
         a = float(np.max(np.abs(t))) if amax is None else amax[len(collected)]
         collected.append(a)
-        return _fq(t, a)
+        return _fq(t, a) if quantize else t
 
     h = point(np.asarray(x, np.float32))  # input point
     for b in block_specs(model_cfg):
@@ -65,27 +66,16 @@ def ref_forward(model_cfg, weights, x, amax=None):
         w = weights[f"{name}/rbr_reparam"]
         k_oihw = np.transpose(w["kernel"], (3, 2, 0, 1))
         y = conv_ref(np.transpose(h, (0, 3, 1, 2)), k_oihw, stride, 1, groups)
-        y = np.transpose(y, (0, 2, 3, 1)).astype(np.float32) + w["bias"]
+        y = np.transpose(y, (0, 2, 3, 1)).astype(np.float32) + np.asarray(w["bias"])
         h = point(np.maximum(y, 0))
     g = point(h.mean(axis=(1, 2)))  # linear:in
     w = weights["linear"]
-    return g @ w["kernel"] + w["bias"], collected
+    return g @ np.asarray(w["kernel"]) + np.asarray(w["bias"]), collected
 
 
 def _max_float(model_cfg, weights, x):
     """max |t| at every point of the float network (NumPy)."""
-    from cfws_jax.models.repvgg import block_specs
-
-    out = [float(np.abs(x).max())]
-    h = x
-    for b in block_specs(model_cfg):
-        w = weights[f"{b.name}/rbr_reparam"]
-        k = np.transpose(np.asarray(w["kernel"]), (3, 2, 0, 1))
-        y = np.transpose(conv_ref(np.transpose(h, (0, 3, 1, 2)), k, b.stride, 1, b.groups), (0, 2, 3, 1))
-        h = np.maximum(y + np.asarray(w["bias"]), 0)
-        out.append(float(h.max()))
-    out.append(float(h.mean(axis=(1, 2)).max()))
-    return out
+    return ref_forward(model_cfg, weights, x, quantize=False)[1]
 
 
 def _dq_weights(qm):

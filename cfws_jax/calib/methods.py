@@ -221,6 +221,12 @@ def _qerr_scores(counts, edges, kind, num_bits, unsigned, start_bin, stride):
     return _map(one, cands, 4 * n), cands
 
 
+def _centre_of(edges, i):
+    """``(centre of bin i, i)``: the amax convention of the MSE and cosine searches."""
+    e = jnp.asarray(edges)
+    return (e[i] + e[i + 1]) / 2, i
+
+
 @partial(jax.jit, static_argnames=("num_bits", "unsigned", "start_bin", "stride"))
 def mse_errors(counts, edges, num_bits: int = 8, unsigned: bool = False, start_bin: int = 128,
                stride: int = 1):
@@ -233,9 +239,7 @@ def mse_amax(counts, edges, num_bits: int = 8, unsigned: bool = False, start_bin
              stride: int = 1):
     """pytorch-quantization MSE amax: ``(m_i*, i*)``, first argmin, amax = bin centre."""
     err, cands = _qerr_scores(counts, edges, "mse", num_bits, unsigned, start_bin, stride)
-    i = cands[jnp.argmin(err)]
-    e = jnp.asarray(edges)
-    return (e[i] + e[i + 1]) / 2, i
+    return _centre_of(edges, cands[jnp.argmin(err)])
 
 
 @partial(jax.jit, static_argnames=("num_bits", "unsigned", "start_bin", "stride"))
@@ -250,9 +254,7 @@ def cosine_amax(counts, edges, num_bits: int = 8, unsigned: bool = False, start_
                 stride: int = 1):
     """Cosine amax: ``(m_i*, i*)``, first argmax, same candidates as MSE."""
     sc, cands = _qerr_scores(counts, edges, "cosine", num_bits, unsigned, start_bin, stride)
-    i = cands[jnp.argmax(sc)]
-    e = jnp.asarray(edges)
-    return (e[i] + e[i + 1]) / 2, i
+    return _centre_of(edges, cands[jnp.argmax(sc)])
 
 
 @jax.jit

@@ -48,6 +48,19 @@ def _float_weights(qm: QuantizedModel, variables):
                            if k in ("kernel", "bias")} for lp in qm.plan.layers}
 
 
+def _comparison(qm: QuantizedModel, variables, images, model=None, return_outputs: bool = False):
+    """``(run(weights, enabled) -> forward dict, float weights, dequantized weights, images)``."""
+    model = model_for(qm, model)
+    x = jnp.asarray(images, jnp.float32)
+    fwd = jitted_forward(model, qm.plan, return_outputs=return_outputs)
+    amax, qmax = jnp.asarray(qm.act_amax), qm.plan.qmax()
+
+    def run(weights, enabled):
+        return fwd(weights, amax, qmax, jnp.asarray(enabled, bool), x)
+
+    return run, _float_weights(qm, variables), qm.dequantized_weights(as_jax=True), x
+
+
 def bops_scheme(lp, config) -> str:
     if lp.scheme == "cfws":
         return "cfws" if config.cfws_extract_center else "split_whole"
@@ -68,15 +81,10 @@ def bops_ratio(qm: QuantizedModel) -> float:
 
 def layer_report(qm: QuantizedModel, variables: Mapping, images, model=None) -> dict:
     """``{"layers": [row, ...], "totals": {...}}`` (see module docstring). images: NHWC float32."""
-    model = model_for(qm, model)
-    x = jnp.asarray(images, jnp.float32)
-    fw = _float_weights(qm, variables)
-    qw = qm.dequantized_weights(as_jax=True)
+    run, fw, qw, x = _comparison(qm, variables, images, model, return_outputs=True)
     P = len(qm.plan.points)
-    fwd = jitted_forward(model, qm.plan, return_outputs=True)
-    amax = jnp.asarray(qm.act_amax)
-    f_out = fwd(fw, amax, qm.plan.qmax(), jnp.zeros((P,), bool), x)
-    q_out = fwd(qw, amax, qm.plan.qmax(), jnp.ones((P,), bool), x)
+    f_out = run(fw, np.zeros((P,), bool))
+    q_out = run(qw, np.ones((P,), bool))
     bops = network_bops([(lp.info.name, geometry(lp.info), bops_scheme(lp, qm.config)) for lp in qm.plan.layers],
                         qm.config.w_bits, qm.config.a_bits)
     rows = []
@@ -177,14 +185,9 @@ def write_report(report: dict, path: str) -> None:
 
 def sensitivity(qm: QuantizedModel, variables: Mapping, images, model=None) -> list[dict]:
     """Quantize each layer alone; ``[{"layer", "logits_sqnr_db", "logits_kl"}]``, most damaging first."""
-    model = model_for(qm, model)
-    x = jnp.asarray(images, jnp.float32)
-    fw = _float_weights(qm, variables)
-    qw = qm.dequantized_weights(as_jax=True)
+    run, fw, qw, _ = _comparison(qm, variables, images, model)
     P = len(qm.plan.points)
-    fwd = jitted_forward(model, qm.plan)
-    amax = jnp.asarray(qm.act_amax)
-    ref = np.asarray(fwd(fw, amax, qm.plan.qmax(), jnp.zeros((P,), bool), x)["logits"], np.float64)
+    ref = np.asarray(run(fw, np.zeros((P,), bool))["logits"], np.float64)
     ref_p = _softmax(ref)
     rows = []
     for lp in qm.plan.layers:
@@ -194,7 +197,7 @@ def sensitivity(qm: QuantizedModel, variables: Mapping, images, model=None) -> l
         for idx in (lp.in_point, lp.out_point):
             if idx is not None:
                 en[idx] = True
-        out = np.asarray(fwd(w, amax, qm.plan.qmax(), jnp.asarray(en), x)["logits"], np.float64)
+        out = np.asarray(run(w, en)["logits"], np.float64)
         kl = float(np.mean(np.sum(ref_p * (np.log(ref_p + 1e-12) - np.log(_softmax(out) + 1e-12)), -1)))
         rows.append({"layer": lp.info.name, "logits_sqnr_db": sqnr_db(ref, out), "logits_kl": kl})
     return sorted(rows, key=lambda r: (r["logits_sqnr_db"], r["layer"]))

@@ -151,8 +151,8 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
 
         def point(i: int, t):
             p = plan.points[i]
-            v = jnp.maximum(t, 0) if p.mode == "relu" else jnp.abs(t)
-            v = v.astype(jnp.float32)
+            if collect is not None:  # the statistic: relu(t) at fused points, else |t|
+                v = (jnp.maximum(t, 0) if p.mode == "relu" else jnp.abs(t)).astype(jnp.float32)
             if collect == "stage":
                 hit = stage == i
                 out["stage_max"] = jax.lax.cond(hit, lambda m: calib.max_abs(v), lambda m: m, out["stage_max"])
