@@ -5,6 +5,12 @@ and ``fuse(name, train_variables) -> deploy_variables``.
 """
 
 from cfws_jax.models.fuse import fuse
-from cfws_jax.models.registry import block_specs, create_model, family, get_config, list_models
+from cfws_jax.models.registry import (
+    block_specs,
+    create_model,
+    family,
+    get_config,
+    list_models,
+)
 
 __all__ = ["block_specs", "create_model", "family", "fuse", "get_config", "list_models"]

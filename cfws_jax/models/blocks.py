@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cfws_jax.models.layers import QConv
@@ -91,3 +92,20 @@ class SqueezeExcite(nn.Module):
         s = QConv(self.hidden, 1, act="relu", name=self.names[0])(s)
         s = QConv(c, 1, act="sigmoid", name=self.names[1])(s)
         return x * s
+
+
+def fused_rep_conv(features: int, kernel: int, strides: int, groups: int, has_se: bool, name: str) -> QConv:
+    """The deploy-form conv of a re-parameterized block (HWIO kernel, bias); ReLU fused unless SE follows."""
+    return QConv(
+        features, kernel, strides, kernel // 2, groups, use_bias=True,
+        act=None if has_se else "relu", rep=True, name=name,
+    )
+
+
+def block_tail(y, se: SqueezeExcite | None, deploy: bool):
+    """SE (if any) then ReLU; a deploy block without SE already applied ReLU in its fused conv."""
+    if se is not None:
+        y = se(y)
+    if se is not None or not deploy:
+        y = jax.nn.relu(y)
+    return y

@@ -9,7 +9,8 @@ params are copied. Pure ``jnp`` (jittable with ``arch`` static); BatchNorm eps 1
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from cfws_jax import fusion
 from cfws_jax.models.blocks import BN_EPS

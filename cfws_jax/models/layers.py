@@ -11,7 +11,7 @@ before the activation or after it (ReLU fusion).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

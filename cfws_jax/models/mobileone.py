@@ -26,11 +26,17 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from cfws_jax.models.blocks import BlockSpec, ConvBN, SqueezeExcite, batch_norm
-from cfws_jax.models.layers import QConv, QDense
+from cfws_jax.models.blocks import (
+    BlockSpec,
+    ConvBN,
+    SqueezeExcite,
+    batch_norm,
+    block_tail,
+    fused_rep_conv,
+)
+from cfws_jax.models.layers import QDense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +104,7 @@ class MobileOneBlock(nn.Module):
         b = self.spec
         pad = b.kernel // 2
         if self.deploy:
-            y = QConv(
-                b.cout, b.kernel, b.stride, pad, b.groups, use_bias=True,
-                act=None if b.se else "relu", rep=True, name="reparam_conv",
-            )(x)
+            y = fused_rep_conv(b.cout, b.kernel, b.stride, b.groups, b.se, "reparam_conv")(x)
         else:
             y = 0.0
             if b.identity:
@@ -110,11 +113,8 @@ class MobileOneBlock(nn.Module):
                 y = y + ConvBN(b.cout, 1, b.stride, 0, b.groups, name="rbr_scale")(x, train)
             for i in range(b.branches):
                 y = y + ConvBN(b.cout, b.kernel, b.stride, pad, b.groups, name=f"rbr_conv_{i}")(x, train)
-        if b.se:
-            y = SqueezeExcite(max(1, int(b.cout * 0.0625)), ("reduce", "expand"), name="se")(y)
-        if b.se or not self.deploy:
-            y = jax.nn.relu(y)
-        return y
+        se = SqueezeExcite(max(1, int(b.cout * 0.0625)), ("reduce", "expand"), name="se") if b.se else None
+        return block_tail(y, se, self.deploy)
 
 
 class MobileOne(nn.Module):

@@ -26,11 +26,17 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from cfws_jax.models.blocks import BlockSpec, ConvBN, SqueezeExcite, batch_norm
-from cfws_jax.models.layers import QConv, QDense
+from cfws_jax.models.blocks import (
+    BlockSpec,
+    ConvBN,
+    SqueezeExcite,
+    batch_norm,
+    block_tail,
+    fused_rep_conv,
+)
+from cfws_jax.models.layers import QDense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,20 +129,14 @@ class RepVGGBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.deploy:
-            y = QConv(
-                self.features, 3, self.strides, 1, self.groups, use_bias=True,
-                act=None if self.use_se else "relu", rep=True, name="rbr_reparam",
-            )(x)
+            y = fused_rep_conv(self.features, 3, self.strides, self.groups, self.use_se, "rbr_reparam")(x)
         else:
             y = ConvBN(self.features, 3, self.strides, 1, self.groups, name="rbr_dense")(x, train)
             y = y + ConvBN(self.features, 1, self.strides, 0, self.groups, name="rbr_1x1")(x, train)
             if x.shape[-1] == self.features and self.strides == 1:
                 y = y + batch_norm(train, "rbr_identity")(x)
-        if self.use_se:
-            y = SqueezeExcite(max(1, self.features // 16), ("down", "up"), name="se")(y)
-        if self.use_se or not self.deploy:
-            y = jax.nn.relu(y)
-        return y
+        se = SqueezeExcite(max(1, self.features // 16), ("down", "up"), name="se") if self.use_se else None
+        return block_tail(y, se, self.deploy)
 
 
 class RepVGG(nn.Module):
