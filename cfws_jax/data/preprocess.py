@@ -38,14 +38,17 @@ class Normalization:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def __call__(self, images) -> np.ndarray:
-        """uint8 ``[..., 3]`` (RGB, 0-255) -> float32 of the same shape."""
-        images = np.asarray(images)
+    def __call__(self, images, xp=np) -> np.ndarray:
+        """uint8 ``[..., 3]`` (RGB, 0-255) -> float32 of the same shape.
+
+        ``xp`` is the array namespace: ``numpy`` (default) or ``jax.numpy`` inside jitted code.
+        """
+        images = xp.asarray(images)
         if images.shape[-1:] != (3,):
             raise ValueError(f"expected RGB images with 3 channels last, got shape {images.shape}")
-        mean = np.asarray(self.mean, np.float32)
-        std = np.asarray(self.std, np.float32)
-        return (images.astype(np.float32) / np.float32(255.0) - mean) / std
+        mean = xp.asarray(self.mean, xp.float32)
+        std = xp.asarray(self.std, xp.float32)
+        return (images.astype(xp.float32) / xp.float32(255.0) - mean) / std
 
 
 IMAGENET = Normalization("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

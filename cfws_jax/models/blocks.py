@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cfws_jax.models.layers import QConv
+from cfws_jax.models.layers import QConv, QDense
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # Flax convention: new = 0.9 * old + 0.1 * batch (PyTorch momentum 0.1)
@@ -109,3 +109,8 @@ def block_tail(y, se: SqueezeExcite | None, deploy: bool):
     if se is not None or not deploy:
         y = jax.nn.relu(y)
     return y
+
+
+def pooled_classifier(x, num_classes: int):
+    """Global average pool then the ``linear`` QDense head: ``[B, H, W, C] -> [B, num_classes]``."""
+    return QDense(num_classes, name="linear")(jnp.mean(x, axis=(1, 2)))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from cfws_jax.models.blocks import (
     BlockSpec,
@@ -35,8 +34,8 @@ from cfws_jax.models.blocks import (
     batch_norm,
     block_tail,
     fused_rep_conv,
+    pooled_classifier,
 )
-from cfws_jax.models.layers import QDense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,5 +126,4 @@ class MobileOne(nn.Module):
     def __call__(self, x, train: bool = False):
         for b in block_specs(self.config):
             x = MobileOneBlock(b, self.deploy, name=b.name)(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return QDense(self.config.num_classes, name="linear")(x)
+        return pooled_classifier(x, self.config.num_classes)

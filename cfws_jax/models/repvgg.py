@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from cfws_jax.models.blocks import (
     BlockSpec,
@@ -35,8 +34,8 @@ from cfws_jax.models.blocks import (
     batch_norm,
     block_tail,
     fused_rep_conv,
+    pooled_classifier,
 )
-from cfws_jax.models.layers import QDense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,5 +149,4 @@ class RepVGG(nn.Module):
         cfg = self.config
         for b in block_specs(cfg):
             x = RepVGGBlock(b.cout, b.stride, b.groups, b.se, self.deploy, name=b.name)(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return QDense(cfg.num_classes, name="linear")(x)
+        return pooled_classifier(x, cfg.num_classes)
