@@ -7,8 +7,10 @@ Rules (FORMATS.md §1):
   in this precedence: ``ema`` (the EMA weights, which YOLOv6-style trainers evaluate),
   ``state_dict``, ``model``; repeated while nested (e.g. ``model`` -> ``state_dict``). An
   explicit ``container_key`` overrides the first step.
-* A pickled ``nn.Module`` (read with stubs, see :class:`converters.torch_reader.PickledObject`)
-  is walked through ``_parameters``, persistent ``_buffers`` and ``_modules``.
+* A pickled ``nn.Module`` record (a :class:`converters.torch_reader.PickledObject` of a class the
+  caller allowed, see ``module_classes``) is walked through ``_parameters``, persistent
+  ``_buffers`` and ``_modules``. Nothing else is walked: a plain (Ordered)dict yields its items
+  only, whatever attributes a pickle gave it (as ``torch.load(weights_only=True)``).
 * A leading ``module.`` (DataParallel) is stripped when every key carries it.
 * ``num_batches_tracked`` entries are ignored (reported in ``ignored``); nothing else is dropped:
   a non-array value raises ``ValueError`` naming its key.
@@ -19,6 +21,9 @@ from __future__ import annotations
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
+
+from converters.errors import short_repr
+from converters.safe_pickle import PickledObject
 
 CONTAINER_KEYS = ("ema", "state_dict", "model")
 """Container keys tried, in precedence order."""
@@ -35,27 +40,51 @@ class Unwrapped(NamedTuple):
     ignored: tuple[str, ...]       # original names of the ignored num_batches_tracked entries
 
 
+_MAX_MODULE_DEPTH = 64
+
+
 def _is_module(obj: Any) -> bool:
-    return hasattr(obj, "__dict__") and "_parameters" in vars(obj) and "_modules" in vars(obj)
+    return isinstance(obj, PickledObject) and "_parameters" in vars(obj) and "_modules" in vars(obj)
+
+
+def _named(mapping: Any, what: str) -> list[tuple[str, Any]]:
+    if mapping is None:
+        return []
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+        raise ValueError(f"{what} is a {type(mapping).__name__}, not a dict of names")
+    return list(mapping.items())
 
 
 def module_state_dict(module: Any, prefix: str = "") -> dict[str, Any]:
-    """``state_dict()`` of an inert pickled ``nn.Module`` tree (parameters, persistent buffers)."""
-    state = vars(module)
+    """``state_dict()`` of an inert pickled ``nn.Module`` tree (parameters, persistent buffers).
+
+    Iterative, depth-first in ``_modules`` order like torch; at most 64 levels of submodules.
+    """
     out: dict[str, Any] = {}
-    for name, value in (state.get("_parameters") or {}).items():
-        if value is not None:
-            out[prefix + name] = value
-    skip = set(state.get("_non_persistent_buffers_set") or ())
-    for name, value in (state.get("_buffers") or {}).items():
-        if value is not None and name not in skip:
-            out[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if child is None:
-            continue
-        if not _is_module(child):
-            raise ValueError(f"submodule {prefix + name!r} is a {type(child).__name__}, not a module")
-        out.update(module_state_dict(child, prefix + name + "."))
+    todo = [(module, prefix, 0)]
+    while todo:
+        mod, pre, depth = todo.pop()
+        if depth > _MAX_MODULE_DEPTH:
+            raise ValueError(f"modules nested deeper than {_MAX_MODULE_DEPTH} levels at {short_repr(pre)}")
+        state = vars(mod)
+        for name, value in _named(state.get("_parameters"), f"{pre}_parameters"):
+            if value is not None:
+                out[pre + name] = value
+        skip = state.get("_non_persistent_buffers_set") or ()
+        if not isinstance(skip, (set, frozenset, list, tuple)):
+            raise ValueError(f"{pre}_non_persistent_buffers_set is a {type(skip).__name__}")
+        for name, value in _named(state.get("_buffers"), f"{pre}_buffers"):
+            if value is not None and name not in skip:
+                out[pre + name] = value
+        children = []
+        for name, child in _named(state.get("_modules"), f"{pre}_modules"):
+            if child is None:
+                continue
+            if not _is_module(child):
+                raise ValueError(f"submodule {short_repr(pre + name)} is a {type(child).__name__}, "
+                                 "not an allowed module record")
+            children.append((child, pre + name + ".", depth + 1))
+        todo.extend(reversed(children))
     return out
 
 
@@ -69,9 +98,9 @@ def _check_flat(mapping: Mapping) -> str | None:
         return "it is empty"
     for k, v in mapping.items():
         if not isinstance(k, str):
-            return f"key {k!r} is not a string"
+            return f"key {short_repr(k)} is not a string"
         if not isinstance(v, np.ndarray):
-            return f"key {k!r} holds a {type(v).__name__}, not a tensor"
+            return f"key {short_repr(k)} holds a {type(v).__name__}, not a tensor"
     return None
 
 
@@ -80,7 +109,8 @@ def unwrap_state_dict(obj: Any, *, container_key: str | None = None) -> Unwrappe
     path: list[str] = []
     if container_key is not None:
         if not isinstance(obj, Mapping) or obj.get(container_key) is None:
-            keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+            keys = short_repr(sorted(map(short_repr, obj)), 200) if isinstance(obj, Mapping) \
+                else type(obj).__name__
             raise ValueError(f"container key {container_key!r} not found (or None); top level: {keys}")
         obj, path = obj[container_key], [container_key]
     for _ in range(_MAX_DEPTH):
@@ -97,7 +127,7 @@ def unwrap_state_dict(obj: Any, *, container_key: str | None = None) -> Unwrappe
         if nxt is None:
             where = "/".join(path) or "top level"
             raise ValueError(f"{where} is not a state dict ({problem}) and has none of the container "
-                             f"keys {list(CONTAINER_KEYS)}; keys: {sorted(map(str, obj))[:20]}")
+                             f"keys {list(CONTAINER_KEYS)}; keys: {short_repr(sorted(map(short_repr, obj))[:20], 200)}")
         obj = obj[nxt]
         path.append(nxt)
     else:

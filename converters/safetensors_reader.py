@@ -16,7 +16,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from converters.torch_reader import CheckpointError
+from converters.errors import CheckpointError, short_repr
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -30,44 +30,88 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
 _MAX_HEADER = 100 * 2**20  # the format's own limit on the JSON header size
 
 
+def _uint(value, what: str) -> int:
+    """A JSON unsigned integer (``usize`` in the official reader: no floats, bools or negatives)."""
+    if type(value) is not int or not 0 <= value < 2**64:
+        raise CheckpointError(f"{what} is {short_repr(value)}, not an unsigned integer")
+    return value
+
+
 def load_safetensors(path: str | os.PathLike, *, with_metadata: bool = False):
     """``{name: np.ndarray}`` (C-contiguous copies) from a ``.safetensors`` file.
 
-    With ``with_metadata=True`` returns ``(tensors, metadata: dict[str, str])``. Errors are
-    :class:`CheckpointError` (a ``ValueError``) naming the file and, where relevant, the tensor.
+    Validation follows the official ``safetensors`` library: header at most 100 MB, a JSON
+    object; integer shapes and offsets; each tensor's byte count equal to its offsets' span;
+    tensors tiling the data area exactly (no overlaps, gaps or trailing bytes); ``__metadata__``
+    strings only. With ``with_metadata=True`` returns ``(tensors, metadata: dict[str, str])``.
+    Errors are :class:`CheckpointError` (a ``ValueError``) naming the file and the tensor.
     """
     path = os.fspath(path)
-    with open(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the file ({type(e).__name__}: {e.strerror or e})") from None
     if len(data) < 8:
         raise CheckpointError(f"{path}: truncated safetensors file ({len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
     if n > _MAX_HEADER or 8 + n > len(data):
         raise CheckpointError(f"{path}: safetensors header length {n} exceeds the file size {len(data)}")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors JSON header ({e})") from None
+        text = data[8:8 + n].decode("utf-8")
+        if not text.startswith("{"):
+            raise ValueError("header does not start with '{'")
+        header = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise CheckpointError(f"{path}: safetensors JSON header is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int limits
+        raise CheckpointError(f"{path}: corrupt safetensors JSON header "
+                              f"({type(e).__name__}: {short_repr(str(e), 120)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     body = memoryview(data)[8 + n:]
     metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, np.ndarray] = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    spans = []
     for name, info in header.items():
+        where = f"{path}: tensor {short_repr(name)}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: header entry is a {type(info).__name__}, not an object")
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except KeyError as e:
-            raise CheckpointError(f"{path}: tensor {name!r}: missing field or unsupported dtype {e}") from None
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry ({e})") from None
-        if any(s < 0 for s in shape):
-            raise CheckpointError(f"{path}: tensor {name!r}: negative shape {shape}")
+            shape, offsets = info["shape"], info["data_offsets"]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{where}: missing field or unsupported dtype ({short_repr(e)})") from None
+        if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+            raise CheckpointError(f"{where}: shape / data_offsets must be lists (got "
+                                  f"{short_repr(shape)}, {short_repr(offsets)})")
+        shape = tuple(_uint(s, f"{where}: shape entry") for s in shape)
+        begin, end = (_uint(o, f"{where}: data offset") for o in offsets)
         nbytes = math.prod(shape) * dtype.itemsize
-        if not (0 <= begin <= end <= len(body)) or end - begin != nbytes:
-            raise CheckpointError(
-                f"{path}: tensor {name!r}: data offsets [{begin}, {end}] do not hold {shape} x {dtype} "
-                f"within {len(body)} data bytes (truncated or corrupt file)")
+        if end < begin or end - begin != nbytes:
+            raise CheckpointError(f"{where}: data offsets [{begin}, {end}] do not hold "
+                                  f"{short_repr(shape)} x {dtype} ({nbytes} bytes)")
+        spans.append((begin, end, name, shape, dtype))
+    spans.sort(key=lambda t: (t[0], t[1]))
+    pos = 0
+    for begin, end, name, _, _ in spans:
+        if begin != pos:
+            raise CheckpointError(f"{path}: tensor {short_repr(name)}: data offsets [{begin}, {end}] "
+                                  f"{'overlap the previous tensor' if begin < pos else 'leave a gap'} "
+                                  f"(expected to start at {pos})")
+        pos = end
+    if pos != len(body):
+        raise CheckpointError(f"{path}: tensors cover {pos} data bytes but the file holds {len(body)} "
+                              "(truncated file or trailing bytes)")
+    tensors: dict[str, np.ndarray] = {}
+    for begin, end, name, shape, dtype in spans:
         tensors[name] = np.frombuffer(body[begin:end], dtype).reshape(shape).copy()
+    tensors = {name: tensors[name] for name in header}  # header order
     return (tensors, dict(metadata)) if with_metadata else tensors
+
+
+def _refuse_constant(token: str):
+    raise ValueError(f"non-JSON constant {token}")

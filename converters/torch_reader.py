@@ -1,6 +1,6 @@
 """Safe reader of PyTorch checkpoint files: no torch needed, no code from the file executed.
 
-Supported formats (detected from the file's bytes, not its name):
+Supported formats (detected from the file's bytes, not its name, :func:`detect_format`):
 
 * ``torch.save`` zip format (PyTorch >= 1.6 default): ``<prefix>/data.pkl`` plus one raw
   record ``<prefix>/data/<key>`` per storage;
@@ -8,326 +8,82 @@ Supported formats (detected from the file's bytes, not its name):
   protocol and system-info pickles, the object pickle, the list of storage keys, then each
   storage as an int64 element count followed by its raw bytes;
 * ``.safetensors`` (see :mod:`converters.safetensors_reader`) and ``.npz`` (``allow_pickle``
-  off), for :func:`load_state_dict` only.
+  off), for :func:`read_state_dict` / :func:`load_state_dict` only.
 
-The pickles are read by an unpickler whose ``find_class`` honours only an allow-list
-(:data:`ALLOWED_GLOBALS`): the tensor / parameter rebuild functions, the storage types and
-torch dtypes, ``collections.OrderedDict``, the builtin containers, ``torch.Size`` and numpy
-scalars, each mapped to a small function written here. Any other global raises
-:class:`CheckpointError` naming it. Tensors come back as C-contiguous NumPy arrays (copies, so
-views, offsets and shared storages are resolved); ``bfloat16`` comes back as
-``ml_dtypes.bfloat16`` (exact; ``np.asarray(x, np.float32)`` widens it).
+This module holds the file containers (format detection, zip members, legacy layout, ``.npz``),
+the value checks (:func:`check_state_dict_values`) and the public API (:func:`load_torch_file`,
+:func:`read_state_dict`, :func:`load_state_dict`). The pickles themselves are read by
+:class:`converters.safe_pickle.SafeUnpickler`, whose ``find_class`` honours only an allow-list
+(:data:`ALLOWED_GLOBALS`); any other global raises :class:`CheckpointError` naming it. Tensors
+come back as C-contiguous NumPy arrays (PyTorch layouts, e.g. conv weights OIHW; copies, so views,
+offsets and shared storages are resolved); ``bfloat16`` comes back as ``ml_dtypes.bfloat16``
+(exact; ``np.asarray(x, np.float32)`` widens it).
 
-Whole pickled ``nn.Module`` objects (e.g. YOLOv6 releases) need their classes; pass
-``stub_globals=("yolov6.", "torch.nn.modules.")`` to turn globals under those prefixes into
-inert :class:`PickledObject` records (no constructor, no ``__setstate__`` of the real class
-runs); :func:`converters.containers.module_state_dict` then walks them.
+Hostile files are refused with :class:`CheckpointError` before they can crash, hang or exhaust
+the machine: the pickle limits of :mod:`converters.safe_pickle` (:data:`MAX_NESTING`,
+:data:`MAX_KEY_ITEMS`, :data:`MAX_WORK` per file, :data:`MAX_EXPANDED_BYTES`), plus storages,
+zip members or ``.npy`` arrays declaring more bytes than the file holds, ``data.pkl`` records
+over :data:`MAX_PICKLE_BYTES` and compression ratios over :data:`MAX_COMPRESSION_RATIO`. Values
+quoted in errors are cut short (:func:`short_repr`).
+
+Whole pickled ``nn.Module`` objects (e.g. YOLOv6 releases) need their classes: pass
+``module_classes=`` a set of exact dotted class names (e.g.
+:data:`converters.module_classes.YOLOV6_MODULE_CLASSES`); those classes become inert
+:class:`PickledObject` records (no constructor, no ``__setstate__`` of the real class runs) that
+:func:`converters.containers.module_state_dict` walks. This is the safe way. The older
+``stub_globals=("yolov6.", ...)`` keyword (prefixes) still works but stubs *every* class under
+the prefixes; prefer ``module_classes``.
+
+:class:`CheckpointError`, :func:`short_repr`, :class:`PickledObject`, :func:`check_nesting`,
+:data:`ALLOWED_GLOBALS` and the pickle limits are re-exported here from
+:mod:`converters.errors` / :mod:`converters.safe_pickle`.
 """
 
 from __future__ import annotations
 
-import collections
 import io
 import math
 import os
-import pickle
 import struct
-import types
 import zipfile
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
-import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file could not be read safely (refused global, corrupt or truncated data)."""
-
-
-# ----------------------------------------------------------------------------- dtypes
-
-_STORAGE_DTYPES: dict[str, np.dtype] = {
-    "FloatStorage": np.dtype(np.float32),
-    "DoubleStorage": np.dtype(np.float64),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "ComplexFloatStorage": np.dtype(np.complex64),
-    "ComplexDoubleStorage": np.dtype(np.complex128),
-    "UntypedStorage": np.dtype(np.uint8),
-}
-
-_TORCH_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32), "float": np.dtype(np.float32),
-    "float64": np.dtype(np.float64), "double": np.dtype(np.float64),
-    "float16": np.dtype(np.float16), "half": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "int64": np.dtype(np.int64), "long": np.dtype(np.int64),
-    "int32": np.dtype(np.int32), "int": np.dtype(np.int32),
-    "int16": np.dtype(np.int16), "short": np.dtype(np.int16),
-    "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
-    "uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32), "uint64": np.dtype(np.uint64),
-    "bool": np.dtype(np.bool_),
-    "complex64": np.dtype(np.complex64), "complex128": np.dtype(np.complex128),
-    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn), "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-}
-
-
-class _StorageType(NamedTuple):
-    """Stand-in for ``torch.<X>Storage`` (as referenced from a storage persistent id)."""
-    name: str
-    dtype: np.dtype
-
-
-class _TorchDType(NamedTuple):
-    """Stand-in for a ``torch.<dtype>`` global (``_rebuild_tensor_v3``'s dtype argument)."""
-    name: str
-    dtype: np.dtype
-
-
-class _TensorType(NamedTuple):
-    """Stand-in for ``torch.Tensor`` / ``torch.nn.Parameter`` used as a class argument."""
-    name: str
-
-
-_PENDING = object()  # storage placeholder during the first pass over a legacy file
-
-
-class PickledObject:
-    """Inert record of an instance of a stubbed class (see ``stub_globals``).
-
-    ``args`` holds the constructor arguments the pickle passed; the pickled state is in
-    ``__dict__`` (or ``pickled_state`` when it was not a dict). Never runs the real class.
-    """
-
-    pickled_global = "?"
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj.__dict__["args"] = args
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
-            state = {**(state[0] or {}), **(state[1] or {})}  # (dict state, slot state)
-        if isinstance(state, dict):
-            self.__dict__.update({str(k): v for k, v in state.items()})
-        else:
-            self.__dict__["pickled_state"] = state
-
-    def __repr__(self) -> str:
-        return f"<PickledObject {self.pickled_global}>"
-
-
-# ----------------------------------------------------------------------------- rebuilders
-
-def _strided_copy(storage: np.ndarray, offset, size, stride) -> np.ndarray:
-    """C-contiguous copy of the view ``storage[offset + sum(i_k * stride_k)]`` of shape ``size``.
-
-    ``storage`` is 1-D; ``offset`` and ``stride`` count elements (PyTorch convention).
-    """
-    size = tuple(int(s) for s in size)
-    stride = tuple(int(s) for s in stride)
-    offset = int(offset)
-    if len(size) != len(stride):
-        raise CheckpointError(f"tensor size {size} and stride {stride} have different ranks")
-    if any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
-        raise CheckpointError(f"negative size/stride/offset in tensor view {size}/{stride}/{offset}")
-    if math.prod(size) == 0:
-        return np.zeros(size, storage.dtype)
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= storage.size:
-        raise CheckpointError(
-            f"tensor view (offset {offset}, size {size}, stride {stride}) reaches element {last} "
-            f"of a storage holding {storage.size}: truncated or corrupt storage")
-    item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False)
-    return np.array(view, order="C")
-
-
-def _check_storage(storage, what: str) -> None:
-    if storage is not _PENDING and not (isinstance(storage, np.ndarray) and storage.ndim == 1):
-        raise CheckpointError(f"{what}: expected a storage, got {type(storage).__name__}")
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
-    """``torch._utils._rebuild_tensor(_v2)``: (storage, offset, size, stride, requires_grad, hooks, ...)."""
-    _check_storage(storage, "_rebuild_tensor")
-    if storage is _PENDING:
-        return None
-    return _strided_copy(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
-                       *_ignored):
-    """``torch._utils._rebuild_tensor_v3``: an untyped (byte) storage plus an explicit dtype."""
-    _check_storage(storage, "_rebuild_tensor_v3")
-    if not isinstance(dtype, _TorchDType):
-        raise CheckpointError(f"_rebuild_tensor_v3: dtype argument is {dtype!r}, not a torch dtype")
-    if storage is _PENDING:
-        return None
-    raw = storage.view(np.uint8)
-    usable = raw.size - raw.size % dtype.dtype.itemsize
-    return _strided_copy(raw[:usable].view(dtype.dtype), storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *_state):
-    """``torch._utils._rebuild_parameter(_with_state)``: a Parameter is just its data here."""
-    if data is not None and not isinstance(data, np.ndarray):
-        raise CheckpointError(f"_rebuild_parameter: data is {type(data).__name__}, not a tensor")
-    return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    """``torch._tensor._rebuild_from_type_v2``: only plain Tensor / Parameter types are accepted."""
-    if not isinstance(new_type, _TensorType):
-        raise CheckpointError(f"_rebuild_from_type_v2: refusing tensor subclass {new_type!r}")
-    return func(*args)
-
-
-def _torch_size(dims=()):
-    return tuple(int(d) for d in dims)
-
-
-def _torch_device(kind, index=None):
-    return str(kind) if index is None else f"{kind}:{index}"
-
-
-def _np_dtype(spec, align=False, copy=False):
-    """``numpy.dtype``: only builtin, non-object dtype strings."""
-    if not isinstance(spec, str):
-        raise CheckpointError(f"numpy.dtype: refusing non-string dtype spec {spec!r}")
-    dt = np.dtype(spec)
-    if dt.hasobject:
-        raise CheckpointError(f"numpy.dtype: refusing object dtype {spec!r}")
-    return dt
-
-
-def _np_scalar(dtype, data=None):
-    """``numpy.core.multiarray.scalar``: a numpy scalar from its raw bytes."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise CheckpointError(f"numpy scalar: refusing ({dtype!r}, {type(data).__name__})")
-    if len(data) != dtype.itemsize:
-        raise CheckpointError(f"numpy scalar: {len(data)} bytes for dtype {dtype}")
-    return np.frombuffer(data, dtype)[0]
-
-
-def _codecs_encode(text, encoding="utf-8"):
-    """``_codecs.encode``: how protocol-2 pickles spell ``bytes`` (latin-1 text -> bytes)."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise CheckpointError(f"_codecs.encode: refusing ({type(text).__name__}, {encoding!r})")
-    return text.encode("latin-1")
-
-
-class _SafeCallable:
-    """Immutable wrapper of an allow-listed function, so a pickle's BUILD opcode cannot
-    set attributes (``__defaults__``, ...) on the function itself."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn):
-        object.__setattr__(self, "_fn", fn)
-
-    def __call__(self, *args):
-        return self._fn(*args)
-
-    def __setattr__(self, name, value):
-        raise CheckpointError(f"pickle tried to set attribute {name!r} on {self._fn.__name__}")
-
-    def __repr__(self) -> str:
-        return f"<allow-listed {self._fn.__name__}>"
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    table: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-        ("torch", "Tensor"): _TensorType("torch.Tensor"),
-        ("torch.nn.parameter", "Parameter"): _TensorType("torch.nn.parameter.Parameter"),
-        ("torch", "Size"): _torch_size,
-        ("torch", "device"): _torch_device,
-        ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", _STORAGE_DTYPES["UntypedStorage"]),
-        ("_codecs", "encode"): _codecs_encode,
-        ("numpy", "dtype"): _np_dtype,
-        ("numpy.core.multiarray", "scalar"): _np_scalar,
-        ("numpy._core.multiarray", "scalar"): _np_scalar,
-    }
-    for name, obj in (("dict", dict), ("list", list), ("tuple", tuple), ("set", set),
-                      ("frozenset", frozenset)):
-        table[("builtins", name)] = obj
-    table = {k: _SafeCallable(v) if isinstance(v, types.FunctionType) else v for k, v in table.items()}
-    for name, dt in _STORAGE_DTYPES.items():
-        table[("torch", name)] = _StorageType(name, dt)
-    for name, dt in _TORCH_DTYPES.items():
-        table[("torch", name)] = _TorchDType(name, dt)
-    return table
-
-
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 spellings
-
-ALLOWED_GLOBALS: dict[tuple[str, str], Any] = _allowed_globals()
-"""``(module, name) -> safe replacement`` honoured by the unpickler; everything else is refused."""
-
-
-# ----------------------------------------------------------------------------- unpickler
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler resolving globals through :data:`ALLOWED_GLOBALS` (or inert stubs) only.
-
-    ``load_storage(storage_type, key, numel) -> 1-D array`` supplies storages for persistent ids.
-    """
-
-    def __init__(self, file, load_storage, stub_globals: Sequence[str] = (), stub_cache=None):
-        super().__init__(file)
-        self._load_storage = load_storage
-        self._stub_prefixes = tuple(stub_globals)
-        self._stubs = {} if stub_cache is None else stub_cache
-
-    def find_class(self, module: str, name: str):
-        module = _PY2_MODULES.get(module, module)
-        key = (module, name)
-        if key in ALLOWED_GLOBALS:
-            return ALLOWED_GLOBALS[key]
-        full = f"{module}.{name}"
-        if any(full.startswith(p) for p in self._stub_prefixes):
-            if full not in self._stubs:
-                self._stubs[full] = type(name, (PickledObject,), {"pickled_global": full})
-            return self._stubs[full]
-        raise CheckpointError(
-            f"refusing to load global {full!r}: it is not in the allow-list of tensor-rebuild and "
-            "container constructors (the file may execute code when loaded by torch.load)")
-
-    def persistent_load(self, pid):
-        if not isinstance(pid, tuple) or not pid:
-            raise CheckpointError(f"unsupported persistent id {pid!r}")
-        if pid[0] == "module" and len(pid) >= 2:  # legacy format: pickled nn.Module class + source
-            return pid[1]
-        if pid[0] != "storage" or len(pid) < 5:
-            raise CheckpointError(f"unsupported persistent id {pid[:1]!r}")
-        storage_type, key, _location, numel = pid[1:5]
-        if not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"persistent id names storage type {storage_type!r}")
-        storage = self._load_storage(storage_type, str(key), int(numel))
-        view = pid[5] if len(pid) > 5 else None
-        if view is not None and storage is not _PENDING:  # legacy storage view (old torch)
-            _view_key, view_offset, view_size = view
-            storage = storage[int(view_offset):int(view_offset) + int(view_size)]
-        return storage
-
+from converters.containers import unwrap_state_dict
+from converters.errors import CheckpointError, short_repr
+from converters.safe_pickle import (
+    ALLOWED_GLOBALS,
+    MAX_EXPANDED_BYTES,
+    MAX_KEY_ITEMS,
+    MAX_NESTING,
+    MAX_WORK,
+    PENDING,
+    Budget,
+    PickledObject,
+    SafeUnpickler,
+    StorageType,
+    as_dims,
+    check_nesting,
+)
+from converters.safetensors_reader import load_safetensors
+
+__all__ = [
+    "ALLOWED_GLOBALS", "FORMATS", "KNOWN_INTEGER_BUFFERS", "MAX_COMPRESSION_RATIO", "MAX_EXPANDED_BYTES",
+    "MAX_KEY_ITEMS", "MAX_NESTING", "MAX_PICKLE_BYTES", "MAX_WORK", "CheckpointError", "PickledObject",
+    "StateDictSource", "check_nesting", "check_state_dict_values", "detect_format", "load_state_dict",
+    "load_torch_file", "read_state_dict", "read_zip_member", "short_repr",
+]
+
+MAX_PICKLE_BYTES = 1 << 30
+"""Largest ``data.pkl`` record accepted."""
+MAX_COMPRESSION_RATIO = 200
+"""Compressed zip members inflating more than this (and to more than 1 MiB) are refused."""
+# MAX_WORK (re-exported) is looked up here each time a file's Budget is made, so patching
+# ``converters.torch_reader.MAX_WORK`` bounds the readers below.
+
+
+# ----------------------------------------------------------------------------- containers
 
 def _frombuffer(raw: bytes, dtype: np.dtype, big_endian: bool) -> np.ndarray:
     """1-D array of ``dtype`` over ``raw`` (byte-swapped per component when ``big_endian``)."""
@@ -338,7 +94,35 @@ def _frombuffer(raw: bytes, dtype: np.dtype, big_endian: bool) -> np.ndarray:
     return swapped.reshape(-1).view(dtype)
 
 
-def _read_zip(zf: zipfile.ZipFile, stub_globals) -> Any:
+def read_zip_member(zf: zipfile.ZipFile, name: str, limit: int | None = None) -> bytes:
+    """Bytes of member ``name`` (at most ``limit``), checked before inflating anything.
+
+    Refuses encrypted members, compression methods other than stored / deflate, and
+    members whose declared size inflates more than :data:`MAX_COMPRESSION_RATIO` times.
+    """
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise CheckpointError(f"missing zip record {short_repr(name)}") from None
+    if info.flag_bits & 0x1:
+        raise CheckpointError(f"zip record {short_repr(name)} is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointError(f"zip record {short_repr(name)} uses unsupported compression method "
+                              f"{info.compress_type}")
+    if (info.compress_type != zipfile.ZIP_STORED and info.file_size > 2**20
+            and info.file_size > MAX_COMPRESSION_RATIO * info.compress_size):
+        raise CheckpointError(
+            f"zip record {short_repr(name)} declares {info.file_size} bytes from {info.compress_size} "
+            f"compressed (ratio > {MAX_COMPRESSION_RATIO}): refused as a decompression bomb")
+    n = info.file_size if limit is None else min(limit, info.file_size)
+    with zf.open(info) as fh:
+        data = fh.read(n)
+    if len(data) != n:
+        raise CheckpointError(f"zip record {short_repr(name)} is truncated ({len(data)} of {n} bytes)")
+    return data
+
+
+def _read_zip(zf: zipfile.ZipFile, stub_globals, module_classes) -> Any:
     names = zf.namelist()
     if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
         raise CheckpointError("TorchScript archive (torch.jit.save) is not supported; "
@@ -347,40 +131,52 @@ def _read_zip(zf: zipfile.ZipFile, stub_globals) -> Any:
     if not pkls:
         raise CheckpointError("zip file has no data.pkl record: not a torch.save checkpoint")
     prefix = pkls[0][: -len("data.pkl")]
-    order = zf.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in names else "little"
+    order = "little"
+    if prefix + "byteorder" in names:
+        order = read_zip_member(zf, prefix + "byteorder", 16).decode("ascii", "replace").strip()
     if order not in ("little", "big"):
-        raise CheckpointError(f"unknown byteorder record {order!r}")
+        raise CheckpointError(f"unknown byteorder record {short_repr(order)}")
+    infos = {i.filename: i for i in zf.infolist()}
+    storage_bytes = sum(i.file_size for n, i in infos.items() if n.startswith(prefix + "data/"))
+    budget = Budget(storage_bytes, MAX_WORK)
     cache: dict[tuple[str, str], np.ndarray] = {}
 
-    def load_storage(stype: _StorageType, key: str, numel: int) -> np.ndarray:
+    def load_storage(stype: StorageType, key: str, numel: int) -> np.ndarray:
         if (key, stype.name) not in cache:
             record = f"{prefix}data/{key}"
-            try:
-                raw = zf.read(record)
-            except KeyError:
-                raise CheckpointError(f"missing storage record {record!r}") from None
+            if record not in infos:
+                raise CheckpointError(f"missing storage record {short_repr(record)}")
             need = numel * stype.dtype.itemsize
-            if len(raw) < need:
-                raise CheckpointError(f"storage record {record!r} has {len(raw)} bytes, "
-                                      f"expected {need} ({numel} x {stype.dtype})")
-            cache[(key, stype.name)] = _frombuffer(raw[:need], stype.dtype, order == "big")
+            if infos[record].file_size < need:
+                raise CheckpointError(f"storage record {short_repr(record)} has {infos[record].file_size} "
+                                      f"bytes, expected {need} ({numel} x {stype.dtype})")
+            raw = read_zip_member(zf, record, need)
+            cache[(key, stype.name)] = _frombuffer(raw, stype.dtype, order == "big")
         return cache[(key, stype.name)]
 
-    return _SafeUnpickler(io.BytesIO(zf.read(pkls[0])), load_storage, stub_globals).load()
+    info = infos[pkls[0]]
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{pkls[0]} declares {info.file_size} bytes (limit {MAX_PICKLE_BYTES})")
+    data = read_zip_member(zf, pkls[0])
+    obj = SafeUnpickler(io.BytesIO(data), load_storage, stub_globals,
+                         module_classes=module_classes, budget=budget).load()
+    check_nesting(obj)
+    return obj
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
-def _read_legacy(data: bytes, stub_globals) -> Any:
+def _read_legacy(data: bytes, stub_globals, module_classes) -> Any:
     f = io.BytesIO(data)
+    budget = Budget(len(data), MAX_WORK)
 
     def no_storage(*_):
         raise CheckpointError("unexpected storage in the legacy header")
 
     def header():
-        return _SafeUnpickler(f, no_storage).load()
+        return SafeUnpickler(f, no_storage, budget=budget).load()
 
     if header() != _LEGACY_MAGIC:
         raise CheckpointError("pickle file without the torch.save magic number: not a torch checkpoint")
@@ -393,61 +189,85 @@ def _read_legacy(data: bytes, stub_globals) -> Any:
     # Pass 1: learn each storage key's dtype and size (tensors are not built yet).
     seen: dict[str, tuple[np.dtype, int]] = {}
 
-    def record(stype: _StorageType, key: str, numel: int):
+    def record(stype: StorageType, key: str, numel: int):
         seen.setdefault(key, (stype.dtype, numel))
-        return _PENDING
+        return PENDING
 
     stubs: dict = {}
-    _SafeUnpickler(f, record, stub_globals, stubs).load()
-    keys = _SafeUnpickler(f, no_storage).load()
+    SafeUnpickler(f, record, stub_globals, stubs, module_classes, budget).load()
+    keys = SafeUnpickler(f, no_storage, budget=budget).load()
     if not isinstance(keys, list):
         raise CheckpointError("legacy storage key list is missing")
     storages: dict[str, np.ndarray] = {}
     for key in keys:
-        if key not in seen:
-            raise CheckpointError(f"legacy storage {key!r} is not referenced by the pickle")
+        if not isinstance(key, str) or key not in seen:
+            raise CheckpointError(f"legacy storage {short_repr(key)} is not referenced by the pickle")
         dtype, numel = seen[key]
         head = f.read(8)
         if len(head) != 8:
             raise CheckpointError(f"truncated before storage {key!r}")
         (count,) = struct.unpack("<q", head)
-        raw = f.read(count * dtype.itemsize)
-        if count < 0 or len(raw) != count * dtype.itemsize:
-            raise CheckpointError(f"storage {key!r} is truncated ({len(raw)} of "
-                                  f"{count * dtype.itemsize} bytes)")
-        storages[key] = np.frombuffer(raw, dtype)
+        left = len(data) - f.tell()
+        if count < 0 or count * dtype.itemsize > left:
+            raise CheckpointError(f"storage {key!r} declares {count} x {dtype} but only {left} bytes "
+                                  "are left: truncated or corrupt")
+        storages[key] = np.frombuffer(f.read(count * dtype.itemsize), dtype)
     missing = set(seen) - set(storages)
     if missing:
-        raise CheckpointError(f"legacy storages {sorted(missing)} have no data")
+        raise CheckpointError(f"legacy storages {short_repr(sorted(missing))} have no data")
 
-    def lookup(stype: _StorageType, key: str, numel: int):
+    def lookup(stype: StorageType, key: str, numel: int):
         return storages[key]
 
     f.seek(start)
-    return _SafeUnpickler(f, lookup, stub_globals, stubs).load()
+    budget.work = 0
+    obj = SafeUnpickler(f, lookup, stub_globals, stubs, module_classes, budget).load()
+    check_nesting(obj)
+    return obj
 
 
 # ----------------------------------------------------------------------------- public API
 
 FORMATS = ("torch-zip", "torch-legacy", "safetensors", "npz")
 
+_CAUGHT = (Exception,)  # every failure while parsing a file becomes one CheckpointError line
+
+
+def _fail(path: str, what: str, e: BaseException) -> CheckpointError:
+    if isinstance(e, CheckpointError):
+        return CheckpointError(f"{path}: {e}")
+    if isinstance(e, MemoryError):
+        return CheckpointError(f"{path}: {what}: out of memory while reading (MemoryError)")
+    return CheckpointError(f"{path}: {what} ({type(e).__name__}: {short_repr(str(e), 120)})")
+
+
+def _open_error(path: str, e: OSError) -> Exception:
+    if isinstance(e, FileNotFoundError):
+        return FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    return CheckpointError(f"{path}: cannot read the file ({type(e).__name__}: {e.strerror or e})")
+
 
 def detect_format(path: str | os.PathLike) -> str:
     """One of :data:`FORMATS`, from the file's leading bytes; :class:`CheckpointError` otherwise."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        head = fh.read(512)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as e:
+        raise _open_error(path, e) from None
     if not head:
         raise CheckpointError(f"{path}: file is empty")
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt or truncated zip archive ({e})") from None
+        except _CAUGHT as e:
+            raise _fail(path, "corrupt or truncated zip archive", e) from None
         if names and all(n.endswith(".npy") for n in names):
             return "npz"
         return "torch-zip"
@@ -464,29 +284,99 @@ def detect_format(path: str | os.PathLike) -> str:
                           "legacy file, .safetensors or .npz)")
 
 
-def load_torch_file(path: str | os.PathLike, *, stub_globals: Sequence[str] = ()) -> Any:
+def load_torch_file(path: str | os.PathLike, *, module_classes: Iterable[str] = frozenset(),
+                    stub_globals: Sequence[str] = ()) -> Any:
     """Unpickle a ``torch.save`` file (zip or legacy) safely; tensors become NumPy arrays.
 
-    Returns the object tree as saved (dicts, OrderedDicts, lists, ...). Errors are
-    :class:`CheckpointError` (a ``ValueError``) naming ``path``.
+    Returns the object tree as saved (dicts, OrderedDicts, lists, ...). ``module_classes``:
+    exact dotted class names allowed as pickled ``nn.Module`` records (see the module
+    docstring; ``stub_globals`` is the older, prefix-based and less safe way). Errors are
+    :class:`CheckpointError` (a ``ValueError``) naming ``path``; a missing file is
+    ``FileNotFoundError``.
     """
     path = os.fspath(path)
     fmt = detect_format(path)
+    module_classes = frozenset(module_classes)
     try:
         if fmt == "torch-zip":
             with zipfile.ZipFile(path) as zf:
-                return _read_zip(zf, stub_globals)
+                return _read_zip(zf, stub_globals, module_classes)
         if fmt == "torch-legacy":
             with open(path, "rb") as fh:
-                return _read_legacy(fh.read(), stub_globals)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, TypeError, ValueError,
-            IndexError, KeyError, AttributeError, struct.error, UnicodeDecodeError, RecursionError,
-            MemoryError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint "
-                              f"({type(e).__name__}: {e})") from None
+                data = fh.read()
+            return _read_legacy(data, stub_globals, module_classes)
+    except _CAUGHT as e:
+        raise _fail(path, "corrupt or truncated torch checkpoint", e) from None
     raise CheckpointError(f"{path}: {fmt} file is not a torch.save checkpoint; use load_state_dict")
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """``{name: array}`` of an ``.npz``, each ``.npy`` header's declared size checked against
+    its member before anything is allocated (no pickles)."""
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name = info.filename
+            key = name[:-4]
+            head = read_zip_member(zf, name, min(info.file_size, 65536 + 16))
+            fh = io.BytesIO(head)
+            try:
+                version = np.lib.format.read_magic(fh)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"unsupported .npy version {version}")
+                shape, fortran, dtype = read_header(fh)
+            except (ValueError, SyntaxError, TypeError, EOFError) as e:
+                raise CheckpointError(f"member {short_repr(key)}: bad .npy header ({short_repr(str(e))})") \
+                    from None
+            if dtype.hasobject:
+                raise CheckpointError(f"member {short_repr(key)}: object arrays (pickles) are refused")
+            offset = fh.tell()
+            nbytes = math.prod(as_dims(shape, f"member {key!r} shape")) * dtype.itemsize
+            if info.file_size - offset != nbytes:
+                raise CheckpointError(
+                    f"member {short_repr(key)}: header declares {short_repr(shape)} x {dtype} "
+                    f"({nbytes} bytes) but the member holds {info.file_size - offset}")
+            raw = read_zip_member(zf, name)[offset:]
+            arr = np.frombuffer(raw, dtype)
+            arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+            out[key] = np.ascontiguousarray(arr) if arr.dtype.isnative else \
+                np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
+    return out
+
+
+KNOWN_INTEGER_BUFFERS = ("num_batches_tracked", "position_ids", "relative_position_index")
+"""Last name components of buffers that are integer by nature (kept as they are)."""
+
+
+def check_state_dict_values(state_dict: dict[str, np.ndarray], *, cast_integers: bool = False
+                            ) -> dict[str, np.ndarray]:
+    """Refuse (``ValueError`` naming the key) complex, bool or integer arrays where floating-point
+    weights belong, and NaN / Inf values. With ``cast_integers`` integer and bool arrays are cast to
+    float32 when exact. :data:`KNOWN_INTEGER_BUFFERS` stay as they are."""
+    out = {}
+    for key, arr in state_dict.items():
+        kind = arr.dtype.kind
+        if kind == "c":
+            raise ValueError(f"key {key!r} holds complex values ({arr.dtype}): refused (weights are real)")
+        if kind in "biu" and key.rsplit(".", 1)[-1] not in KNOWN_INTEGER_BUFFERS:
+            if not cast_integers:
+                raise ValueError(f"key {key!r} holds {arr.dtype} values where floating-point weights "
+                                 "belong: refused (cast_integers=True allows exact integer casts)")
+            cast = arr.astype(np.float32)
+            if kind != "b" and not np.array_equal(cast.astype(arr.dtype), arr):
+                raise ValueError(f"key {key!r}: {arr.dtype} values are not exact in float32: refused")
+            arr = cast
+        elif kind not in "biu":
+            if kind != "f" and arr.dtype.name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+                raise ValueError(f"key {key!r} holds unsupported dtype {arr.dtype}")
+            finite = np.isfinite(arr if kind == "f" else arr.astype(np.float32))
+            if not finite.all():
+                bad = int(arr.size - np.count_nonzero(finite))
+                raise ValueError(f"key {key!r} holds {bad} NaN/Inf values: refused")
+        out[key] = arr
+    return out
 
 
 class StateDictSource(NamedTuple):
@@ -499,35 +389,43 @@ class StateDictSource(NamedTuple):
 
 
 def read_state_dict(path: str | os.PathLike, *, container_key: str | None = None,
+                    module_classes: Iterable[str] = frozenset(), cast_integers: bool = False,
                     stub_globals: Sequence[str] = ()) -> StateDictSource:
-    """Load any supported file and unwrap it to a flat ``{name: array}`` (PyTorch names, OIHW)."""
-    from converters.containers import unwrap_state_dict
-    from converters.safetensors_reader import load_safetensors
+    """Load any supported file and unwrap it to a flat ``{name: array}`` (PyTorch names, OIHW).
 
+    Every path checks the values (:func:`check_state_dict_values`): complex, bool / integer
+    where floats belong (unless ``cast_integers``), NaN and Inf are refused naming the key.
+    ``module_classes``: see :func:`load_torch_file`. Errors: :class:`CheckpointError`.
+    """
     path = os.fspath(path)
     fmt = detect_format(path)
     if fmt == "safetensors":
         obj = load_safetensors(path)
     elif fmt == "npz":
         try:
-            with np.load(path, allow_pickle=False) as z:
-                obj = {k: z[k] for k in z.files}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-            raise CheckpointError(f"{path}: corrupt .npz file ({e})") from None
+            obj = _load_npz(path)
+        except _CAUGHT as e:
+            raise _fail(path, "corrupt .npz file", e) from None
     else:
-        obj = load_torch_file(path, stub_globals=stub_globals)
+        obj = load_torch_file(path, module_classes=module_classes, stub_globals=stub_globals)
     try:
         un = unwrap_state_dict(obj, container_key=container_key)
+        sd = check_state_dict_values(un.state_dict, cast_integers=cast_integers)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return StateDictSource(un.state_dict, fmt, un.container, un.stripped_prefix, un.ignored)
+    except _CAUGHT as e:
+        raise _fail(path, "cannot unwrap the state dict", e) from None
+    return StateDictSource(sd, fmt, un.container, un.stripped_prefix, un.ignored)
 
 
 def load_state_dict(path: str | os.PathLike, *, container_key: str | None = None,
+                    module_classes: Iterable[str] = frozenset(), cast_integers: bool = False,
                     stub_globals: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Flat, unwrapped ``{PyTorch name: np.ndarray}`` from any supported checkpoint file.
 
     Unwrapping rules are those of :func:`converters.containers.unwrap_state_dict`
-    (``ema`` > ``state_dict`` > ``model``; ``module.`` stripped; ``num_batches_tracked`` ignored).
+    (``ema`` > ``state_dict`` > ``model``; ``module.`` stripped; ``num_batches_tracked`` ignored);
+    value checks and options as :func:`read_state_dict`.
     """
-    return read_state_dict(path, container_key=container_key, stub_globals=stub_globals).state_dict
+    return read_state_dict(path, container_key=container_key, module_classes=module_classes,
+                           cast_integers=cast_integers, stub_globals=stub_globals).state_dict

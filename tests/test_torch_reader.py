@@ -138,8 +138,13 @@ def test_safetensors_round_trip(tmp_path):
     assert set(got) == set(tensors)
     for k, t in tensors.items():
         _assert_same(got[k], t)
+    with pytest.raises(CheckpointError, match=r"key 'i64' holds int64"):  # integers refused by default
+        load_state_dict(path)
+    floats = {k: v for k, v in tensors.items()
+              if (v.is_floating_point() and k != "special") or k == "num_batches_tracked"}
+    st_torch.save_file(floats, str(path))
     sd = load_state_dict(path)  # unwrapped: num_batches_tracked ignored
-    assert "num_batches_tracked" not in sd and set(sd) == set(tensors) - {"num_batches_tracked"}
+    assert "num_batches_tracked" not in sd and set(sd) == set(floats) - {"num_batches_tracked"}
 
 
 def test_npz_state_dict(tmp_path):
@@ -360,3 +365,71 @@ def test_build_cannot_modify_allow_listed_functions(tmp_path, state):
         load_torch_file(path)
     ok = load_torch_file(_save({"w": torch.arange(4.0)}, tmp_path / "ok.pt"))  # still works
     np.testing.assert_array_equal(ok["w"], np.arange(4.0, dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- module_classes
+
+def test_module_classes_exact_names(tmp_path):
+    from converters.module_classes import TORCH_NN_MODULE_CLASSES
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU())
+    for fmt in FORMATS:
+        path = _save({"model": model, "ema": None}, tmp_path / f"m_{fmt}.pt", fmt)
+        src = read_state_dict(path, module_classes=TORCH_NN_MODULE_CLASSES)
+        assert src.container == "model" and list(src.state_dict) == [
+            k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+        for k, v in src.state_dict.items():
+            _assert_same(v, model.state_dict()[k])
+        with pytest.raises(CheckpointError, match=r"torch\.nn\.modules\.container\.Sequential"):
+            load_torch_file(path, module_classes={"torch.nn.modules.conv.Conv2d"})
+
+
+def test_yolov6_style_pickled_model(tmp_path, monkeypatch):
+    """Release-form file: fp16 module tree of yolov6.* classes, read with YOLOV6_MODULE_CLASSES."""
+    import types
+
+    from converters.module_classes import YOLOV6_MODULE_CLASSES
+    nn = torch.nn
+    mods = {}
+    for name in ("yolov6", "yolov6.models", "yolov6.models.yolo", "yolov6.layers", "yolov6.layers.common"):
+        mods[name] = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, mods[name])
+
+    class RepVGGBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rbr_dense = nn.Sequential()
+            self.rbr_dense.add_module("conv", nn.Conv2d(3, 4, 3, bias=False))
+            self.rbr_dense.add_module("bn", nn.BatchNorm2d(4, eps=1e-3))
+            self.nonlinearity = nn.ReLU()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.ModuleList([RepVGGBlock()])
+            self.stride = torch.tensor([8.0, 16.0, 32.0])  # plain attribute, not a buffer
+
+    for cls, mod in ((RepVGGBlock, "yolov6.layers.common"), (Model, "yolov6.models.yolo")):
+        cls.__module__, cls.__qualname__ = mod, cls.__name__
+        setattr(mods[mod], cls.__name__, cls)
+    model = Model().half()
+    path = _save({"model": model, "ema": None, "epoch": 299, "results": np.float64(0.5)}, tmp_path / "y.pt")
+    with pytest.raises(CheckpointError, match=r"yolov6\.models\.yolo\.Model"):
+        read_state_dict(path)
+    src = read_state_dict(path, module_classes=YOLOV6_MODULE_CLASSES)
+    ref = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert src.container == "model" and list(src.state_dict) == list(ref)
+    for k, v in ref.items():
+        _assert_same(src.state_dict[k], v)
+    obj = load_torch_file(path, module_classes=YOLOV6_MODULE_CLASSES)
+    block = obj["model"]._modules["backbone"]._modules["0"]
+    assert block._modules["rbr_dense"]._modules["bn"].eps == 1e-3
+    assert type(block).pickled_global == "yolov6.layers.common.RepVGGBlock"
+
+
+def test_module_record_with_bad_state(tmp_path):
+    data = (b"\x80\x02ctorch.nn.modules.conv\nConv2d\n)\x81}(X\x0b\x00\x00\x00_parametersK\x01"
+            b"X\x08\x00\x00\x00_modules}ub.")
+    path = _zip_with_data_pkl(tmp_path / "bad.pt", data)
+    with pytest.raises(CheckpointError, match=r"_parameters is a int"):
+        read_state_dict(path, module_classes={"torch.nn.modules.conv.Conv2d"})
