@@ -51,6 +51,8 @@ class ConvertResult(NamedTuple):
     form: str  # "train" | "deploy"
     dialect: str
     variables: dict
+    num_classes: int | None = None  # set when not the architecture's default (YOLOv6: from cls_preds)
+    dropped: tuple[str, ...] = ()   # checkpoint keys dropped on purpose (YOLOv6 detect.proj*, training-only)
 
 
 def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -158,20 +160,31 @@ def _infer(sd: Mapping[str, Any], arch: str | None) -> tuple[str, str, str]:
     if len(cands) == 1:
         return cands[0]
     if not cands:
+        stem = [f"{k} {tuple(np.shape(sd[k]))}" for fam, d, f in forms
+                 for k in [_kernel_key(FAMILIES[fam], d, "stage0", FAMILIES[fam].MAIN_KERNEL[f])] if k in sd]
         raise ValueError(
-            f"cannot infer the architecture: detected {[(fam, d, f) for fam, d, f in forms]} but no "
-            f"registered architecture has these blocks and shapes; pass arch= (one of {registry.list_models()})"
+            f"cannot infer the architecture: the keys look like {[(fam, d, f) for fam, d, f in forms]} "
+            f"(stem {', '.join(stem) or '?'}; {len(sd)} keys) but no registered architecture has these blocks "
+            f"and shapes; pass --arch (one of {registry.list_models()})"
         )
     raise ValueError(
         f"ambiguous architecture: candidates {sorted(a for a, _, _ in cands)} all fit the keys and "
-        "shapes; pass arch= explicitly"
+        "shapes; pass --arch explicitly"
     )
 
 
 def convert_state_dict(
     state_dict: Mapping[str, Any], arch: str | None = None, *, num_classes: int | None = None
 ) -> ConvertResult:
-    """Map a PyTorch ``state_dict`` to Flax variables (see the module docstring)."""
+    """Map a PyTorch ``state_dict`` to Flax variables (see the module docstring).
+
+    YOLOv6 detectors (``arch`` a yolov6 name / size alias, or YOLOv6 keys) go to
+    :func:`converters.yolov6.convert_yolov6`.
+    """
+    from converters import yolov6
+
+    if yolov6.is_yolov6_arch(arch) or (arch is None and yolov6.looks_like_yolov6(state_dict)):
+        return yolov6.convert_yolov6(state_dict, arch, num_classes=num_classes)
     sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     if arch is not None:
         registry.get_config(arch)  # clear error for unknown names
@@ -187,12 +200,18 @@ def convert_state_dict(
         if tuple(np.shape(sd[k])) != table[k][1]
     ]
     if missing or unexpected or mismatched:
-        parts = [f"state_dict does not fit {arch} ({form} form, {dialect} keys):"]
+        parts = [f"state_dict does not fit {arch} ({form} form, {dialect} keys)"]
         problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
         for title, items in problems:
             if items:
-                parts.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        raise ValueError("\n".join(parts))
+                parts.append(f"{title} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
+        try:  # which architecture the keys and shapes do fit, if any
+            fits = _infer(sd, None)[0]
+        except ValueError:
+            fits = None
+        if fits is not None and fits != arch:
+            parts.append(f"the keys and shapes fit {fits}: pass --arch {fits}")
+        raise ValueError("; ".join(parts))
     flat = {path: _to_flax(sd[k]) for k, (path, _) in table.items()}
     variables = traverse_util.unflatten_dict(flat)
     return ConvertResult(arch, form, dialect, variables)

@@ -45,10 +45,10 @@ class BlockSpec(NamedTuple):
     identity: bool
 
 
-def batch_norm(train: bool, name: str) -> nn.BatchNorm:
-    """Flax BatchNorm over the channel axis (-1) with PyTorch-equivalent settings."""
+def batch_norm(train: bool, name: str, eps: float = BN_EPS) -> nn.BatchNorm:
+    """Flax BatchNorm over the channel axis (-1) with PyTorch-equivalent settings (YOLOv6: eps 1e-3)."""
     return nn.BatchNorm(
-        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, name=name
+        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=eps, name=name
     )
 
 
@@ -60,6 +60,7 @@ class ConvBN(nn.Module):
     strides: int = 1
     padding: int | None = None
     groups: int = 1
+    eps: float = BN_EPS
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -72,7 +73,7 @@ class ConvBN(nn.Module):
             use_bias=False,
             name="conv",
         )(x)
-        return batch_norm(train, "bn")(y)
+        return batch_norm(train, "bn", self.eps)(y)
 
 
 class SqueezeExcite(nn.Module):

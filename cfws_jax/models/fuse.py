@@ -15,6 +15,7 @@ from typing import Any
 from cfws_jax import fusion
 from cfws_jax.models.blocks import BN_EPS
 from cfws_jax.models.registry import block_specs, family
+from cfws_jax.models.yolov6.fuse import fuse_yolov6
 
 
 def _sub(tree: Mapping, key: str, where: str):
@@ -44,11 +45,14 @@ def _identity(params: Mapping, stats: Mapping, block: str, name: str) -> fusion.
 def fuse(arch, variables: Mapping[str, Any]) -> dict:
     """Fuse train-form ``{"params", "batch_stats"}`` of ``arch`` into deploy-form ``{"params"}``.
 
-    ``arch``: a registry name or a ``RepVGGConfig`` / ``MobileOneConfig``.
+    ``arch``: a registry name or a ``RepVGGConfig`` / ``MobileOneConfig`` / ``YOLOv6Config``
+    (YOLOv6: :func:`cfws_jax.models.yolov6.fuse.fuse_yolov6`, BN eps 1e-3).
     Raises ValueError naming the first missing variable, or listing unexpected top-level modules.
     """
-    params, stats = variables["params"], variables.get("batch_stats", {})
     fam = family(arch)
+    if fam == "yolov6":
+        return fuse_yolov6(variables, name=str(arch))
+    params, stats = variables["params"], variables.get("batch_stats", {})
     specs = block_specs(arch)
     extra = sorted(set(params) - {b.name for b in specs} - {"linear"})
     if extra:

@@ -64,6 +64,8 @@ class QConv(nn.Module):
       act: ``None``, ``"relu"``, ``"silu"`` or ``"sigmoid"``.
       rep: True for a re-parameterized (fused multi-branch) conv; CFWS candidates are the
         ``rep`` layers with odd ``k > 1``.
+      is_output: True for a network output layer (detector prediction convs): the PTQ
+        pipeline puts no output quantizer on it.
     """
 
     features: int
@@ -74,6 +76,7 @@ class QConv(nn.Module):
     use_bias: bool = True
     act: str | None = None
     rep: bool = False
+    is_output: bool = False
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @property
