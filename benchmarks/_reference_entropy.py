@@ -27,8 +27,12 @@ def kl_candidate(h, i: int, nq: int):
     return P, Q
 
 
-def entropy_div(P, Q) -> float:
-    """scipy.stats.entropy(P, Q): both normalised, natural log, +inf if P > 0 where Q == 0."""
+def entropy_div(P, Q, nan_policy="inf") -> float:
+    """scipy.stats.entropy(P, Q): both normalised, natural log, +inf if P > 0 where Q == 0.
+    An all-zero P or Q is 0/0: +inf with nan_policy="inf" (cfws_jax), NaN with "tensorrt"
+    (what scipy, and so NVIDIA's _compute_amax_entropy, gets)."""
+    if nan_policy == "tensorrt" and (P.sum() <= 0 or Q.sum() <= 0):
+        return math.nan
     p = P / P.sum()
     q = Q / Q.sum() if Q.sum() > 0 else np.zeros_like(Q)
     if np.any((p > 0) & (q == 0)):
@@ -46,7 +50,8 @@ def transformed_kl_div(p, q) -> float:
     return math.fsum(p[m] * (np.log(P * p[m]) - np.log(Qs * q[m]))) / P
 
 
-def kl_divergences(counts, metric="entropy", num_bits=8, unsigned=False, start_bin=128, stride=1):
+def kl_divergences(counts, metric="entropy", num_bits=8, unsigned=False, start_bin=128, stride=1,
+                   nan_policy="inf"):
     """(candidates, divergences) of the TensorRT KL loop (or D_T for metric='kl_cfws')."""
     h = np.array(counts, dtype=np.float64)  # a copy: never edit the caller's histogram
     h[0] = h[1]
@@ -56,16 +61,16 @@ def kl_divergences(counts, metric="entropy", num_bits=8, unsigned=False, start_b
     for i in cands:
         P, Q = kl_candidate(h, i, nq)
         if h.sum() <= 0:
-            divs.append(math.inf)
+            divs.append(math.nan if nan_policy == "tensorrt" else math.inf)
         elif metric == "entropy":
-            divs.append(entropy_div(P, Q))
+            divs.append(entropy_div(P, Q, nan_policy))
         else:
             divs.append(transformed_kl_div(P, Q))
     return np.array(cands), np.array(divs)
 
 
 def kl_amax(counts, edges, metric="entropy", **kw):
-    """(amax, i*) with the last argmin; amax = edges[i*]."""
+    """(amax, i*) with the last argmin (np.argmin: a NaN counts as the minimum); amax = edges[i*]."""
     cands, d = kl_divergences(counts, metric, **kw)
     k = len(d) - 1 - int(np.argmin(d[::-1]))
     return float(edges[cands[k]]), int(cands[k])

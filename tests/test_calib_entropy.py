@@ -223,3 +223,42 @@ def test_entropy_inside_jit_with_state():
     k = int(i) - 128
     assert k == k_ref or abs(d_ref[k] - d_ref[k_ref]) <= F32_RTOL * d_ref[k_ref]
     assert math.isclose(float(amax), float(e[int(i)]), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("first", [128, 300])
+def test_nan_policy_default_vs_tensorrt_when_first_bin_is_past_start_bin(first):
+    """Almost all exact zeros (h[0], then h[0] := h[1] = 0) and rare values from bin ``first``
+    >= start_bin on: NVIDIA's divergences of candidates i <= first are 0/0 = NaN and argmin
+    picks the last of them (amax = lower edge of bin ``first``, clipping nearly everything);
+    the default scores them +inf and picks a sensible bin. Both against the NumPy port."""
+    rng = np.random.default_rng(first)
+    h = np.zeros(2048, np.int64)
+    h[0] = 10**6
+    h[first:first + 40] = rng.integers(0, 30, 40)
+    h[first] = 7
+    h[1700] = 2
+    e = np.linspace(0.0, 5.0, 2049)
+    cands, d_inf = ref.kl_divergences(h)
+    _, d_trt = ref.kl_divergences(h, nan_policy="tensorrt")
+    assert np.array_equal(np.isnan(d_trt), cands <= first) and not np.isnan(d_inf).any()
+    a_inf, i_inf = ref.kl_amax(h, e)
+    a_trt, i_trt = ref.kl_amax(h, e, nan_policy="tensorrt")
+    assert i_trt == first and a_trt == e[first] and i_inf > first
+    with jax.enable_x64(True):
+        for policy, (a_r, i_r), d_r in (("inf", (a_inf, i_inf), d_inf), ("tensorrt", (a_trt, i_trt), d_trt)):
+            c, ee = jnp.asarray(h, jnp.float64), jnp.asarray(e)
+            amax, i = calib.entropy_amax(c, ee, nan_policy=policy)
+            assert (int(i), float(amax)) == (i_r, a_r), policy
+            d = np.asarray(calib.kl_divergences(c, nan_policy=policy))
+            assert np.array_equal(np.isnan(d), np.isnan(d_r)) and np.array_equal(np.isinf(d), np.isinf(d_r))
+    for policy, a_r in (("inf", a_inf), ("tensorrt", a_trt)):
+        assert calib.compute_amax((h, e), "entropy", nan_policy=policy) == a_r
+        amax32, _ = calib.entropy_amax(jnp.asarray(h, jnp.float32), jnp.asarray(e, jnp.float32), nan_policy=policy)
+        assert float(amax32) == pytest.approx(a_r, rel=1e-6) if policy == "tensorrt" else float(amax32) > e[first]
+    # no NaN candidate (first non-empty bin below start_bin): both policies agree
+    h2, e2 = case("relu_zero_spike")
+    assert calib.compute_amax((h2, e2), "entropy", nan_policy="tensorrt") == calib.compute_amax((h2, e2), "entropy")
+    with pytest.raises(ValueError, match="nan_policy"):
+        calib.compute_amax((h, e), "kl_cfws", nan_policy="tensorrt")
+    with pytest.raises(ValueError, match="nan_policy"):
+        calib.compute_amax((h, e), "entropy", nan_policy="omit")

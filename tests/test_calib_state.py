@@ -16,11 +16,16 @@ from cfws_jax.calib.state import U64, u64_add, u64_to_numpy
 UPD = jax.jit(calib.update)
 
 
+def _np_index(v, width, n):
+    """Reference bin index: min(floor(v / width), n - 1) of the exact quotient (float64 division
+    of float32 operands is exact enough: the floor is never off)."""
+    v = np.asarray(v, np.float32).astype(np.float64)
+    return np.minimum(np.floor(v / np.float64(np.float32(width))), n - 1).astype(np.int64)
+
+
 def _np_bin(v, width, n):
-    """Reference binning: bin = min(floor(v / width), n - 1), float32 like the library."""
-    v = np.asarray(v, np.float32)
-    idx = np.minimum(np.floor(v / np.float32(width)), n - 1).astype(np.int64)
-    return np.bincount(idx, minlength=n)
+    """Reference binning: counts of :func:`_np_index`."""
+    return np.bincount(_np_index(v, width, n), minlength=n)
 
 
 def _batches(seed=0, k=4, shape=(4, 8, 8, 3), scale=1.0):
@@ -197,3 +202,26 @@ def test_skip_zeros_and_state_is_pytree():
     leaves, tree = jax.tree_util.tree_flatten(st)
     st2 = jax.tree_util.tree_unflatten(tree, leaves)
     assert st2.mode == "abs" and st2.skip_zeros and all(isinstance(v, jax.Array) for v in leaves)
+
+
+@pytest.mark.parametrize("amax,num_bins", [(3.7, 2048), (123456.7, 2048), (1.0, 1000), (0.3, 7), (1e-30, 2048)])
+def test_bin_index_is_exact_at_and_one_ulp_around_every_edge(amax, num_bins):
+    """Values exactly at, and one float32 ulp below / above, every edge j * width land where a
+    float64 floor(v / width) puts them (XLA:CPU's float32 division alone is off at ~10% of the
+    edges); with a power-of-two bin count the finalized edges bracket every value."""
+    amax = np.float32(amax)
+    st = calib.init(num_bins, "abs", "fixed", amax=amax)
+    w = np.float32(st.width)
+    e = (np.arange(num_bins + 1) * np.float64(w)).astype(np.float32)
+    v = np.concatenate([e, np.nextafter(e, np.float32(np.inf)), np.nextafter(e, np.float32(0))])
+    v = np.unique(v[v <= amax])
+    got = np.asarray(jax.jit(calib.state.bin_index, static_argnums=2)(jnp.asarray(v), st.width, num_bins))
+    np.testing.assert_array_equal(got, _np_index(v, w, num_bins))
+    h = calib.finalize(UPD(st, v), "edges")
+    np.testing.assert_array_equal(h.counts, _np_bin(v, w, num_bins))
+    if num_bins & (num_bins - 1) == 0:
+        inner = v < amax
+        assert np.all(h.edges[got[inner]] <= v[inner]) and np.all(v[inner] < h.edges[got[inner] + 1])
+    # grow mode bins with the same rule
+    g = UPD(calib.init(num_bins, "abs", "grow"), np.concatenate([[amax], v]).astype(np.float32))
+    np.testing.assert_array_equal(calib.finalize(g, "g").counts, _np_bin(np.concatenate([[amax], v]), g.width, num_bins))

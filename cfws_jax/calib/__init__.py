@@ -7,6 +7,7 @@ edges)`` arrays inside ``jit``. See :mod:`cfws_jax.calib.state` and :mod:`cfws_j
 
 from cfws_jax.calib.methods import (
     METHODS,
+    NAN_POLICIES,
     compute_amax,
     cosine_amax,
     cosine_scores,
@@ -21,6 +22,7 @@ from cfws_jax.calib.methods import (
 )
 from cfws_jax.calib.state import (
     HistState,
+    bin_index,
     Histogram,
     U64,
     finalize,
@@ -33,7 +35,7 @@ from cfws_jax.calib.state import (
 )
 
 __all__ = [
-    "METHODS", "HistState", "Histogram", "U64", "compute_amax", "cosine_amax", "cosine_scores",
+    "METHODS", "NAN_POLICIES", "HistState", "bin_index", "Histogram", "U64", "compute_amax", "cosine_amax", "cosine_scores",
     "entropy_amax", "finalize", "init", "kl_cfws_amax", "kl_divergences", "max_abs",
     "max_from_counts", "merge", "mse_amax", "mse_errors", "num_target_bins", "percentile_amax",
     "running_amax", "to_arrays", "update",

@@ -12,6 +12,16 @@ x64 is enabled, else float32) and ``edges (N+1,)`` with ``edges[0] == 0``.
 * ``kl_cfws``: same construction, divergence ``D_T`` of §4.4 (masked, unnormalised; the
   normalisation term has the opposite sign).
 
+Where this deliberately differs from TensorRT (``nan_policy``, entropy only): a candidate ``i``
+whose kept bins ``h[0..i-1]`` are all empty (the first non-empty bin, after ``h[0] := h[1]``,
+lies at or above ``i``; typical of tensors that are almost all zeros with rare outliers) has an
+all-zero Q, and NVIDIA's ``_compute_amax_entropy`` computes ``entropy(P, Q) = 0/0 = NaN``;
+``np.argmin`` treats NaN as the minimum, so TensorRT returns the last such candidate, ``amax =``
+the lower edge of the first non-empty bin, which clips nearly every value. The default
+``nan_policy="inf"`` scores those candidates ``+inf`` (excluded) and picks a sensible bin;
+``nan_policy="tensorrt"`` reproduces NVIDIA's pick bit for bit (for TensorRT-compatible
+calibration caches). On every histogram without such candidates the two policies agree.
+
 Two exact-arithmetic formulations of the same sums (``algorithm``):
 
 * ``"prefix"``: per (candidate, group) sums from prefix sums, O(N * nq) work (fast). It subtracts
@@ -146,14 +156,29 @@ def _prep(counts):
     return h
 
 
-@partial(jax.jit, static_argnames=("metric", "num_bits", "unsigned", "start_bin", "stride", "algorithm"))
+NAN_POLICIES = ("inf", "tensorrt")
+
+
+def _check_nan_policy(nan_policy: str, metric: str) -> None:
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if nan_policy == "tensorrt" and metric != "entropy":
+        raise ValueError(f"nan_policy='tensorrt' applies to the TensorRT entropy method only, not {metric!r}")
+
+
+@partial(jax.jit, static_argnames=("metric", "num_bits", "unsigned", "start_bin", "stride", "algorithm",
+                                   "nan_policy"))
 def kl_divergences(counts, metric: str = "entropy", num_bits: int = 8, unsigned: bool = False,
-                   start_bin: int = 128, stride: int = 1, algorithm: str | None = None):
+                   start_bin: int = 128, stride: int = 1, algorithm: str | None = None,
+                   nan_policy: str = "inf"):
     """Divergence of every candidate ``i = start_bin, +stride, ..., N``: ``(n_candidates,)``.
 
     metric: ``"entropy"`` (TensorRT KL) or ``"kl_cfws"`` (D_T). ``+inf`` marks excluded candidates.
     algorithm: ``None`` (prefix in float64, window in float32), ``"prefix"`` or ``"window"``.
+    nan_policy: ``"inf"`` (default) or ``"tensorrt"``: candidates whose kept bins are all empty
+      (and every candidate of an all-empty histogram) are NaN, as in NVIDIA's code (module doc).
     """
+    _check_nan_policy(nan_policy, metric)
     h = _prep(counts)
     n = h.shape[0]
     h = h.at[0].set(h[1])
@@ -172,24 +197,35 @@ def kl_divergences(counts, metric: str = "entropy", num_bits: int = 8, unsigned:
         bad = (total <= 0) | (t >= total)
     else:
         raise ValueError(f"unknown KL metric {metric!r}")
-    return jnp.where(bad, jnp.inf, D)
+    D = jnp.where(bad, jnp.inf, D)
+    if nan_policy == "tensorrt":
+        # entropy(P, Q) with sum(Q) = 0 (no kept bin is non-empty) or sum(P) = 0 is 0/0 in scipy
+        first = jnp.argmax(h > 0)  # first non-empty bin (0 if none: then total == 0 below)
+        D = jnp.where((total <= 0) | (cands <= first), jnp.nan, D)
+    return D
 
 
 def _last_argmin(d):
+    """Last index of the minimum; NaN counts as the minimum (``np.argmin`` semantics)."""
     return d.shape[0] - 1 - jnp.argmin(d[::-1])
 
 
-def _kl_amax(counts, edges, metric, num_bits, unsigned, start_bin, stride):
-    d = kl_divergences(counts, metric, num_bits, unsigned, start_bin, stride)
+def _kl_amax(counts, edges, metric, num_bits, unsigned, start_bin, stride, nan_policy="inf"):
+    d = kl_divergences(counts, metric, num_bits, unsigned, start_bin, stride, nan_policy=nan_policy)
     i = start_bin + stride * _last_argmin(d)
     return jnp.asarray(edges)[i], i
 
 
-@partial(jax.jit, static_argnames=("num_bits", "unsigned", "start_bin", "stride"))
+@partial(jax.jit, static_argnames=("num_bits", "unsigned", "start_bin", "stride", "nan_policy"))
 def entropy_amax(counts, edges, num_bits: int = 8, unsigned: bool = False, start_bin: int = 128,
-                 stride: int = 1):
-    """TensorRT KL amax: ``(amax = edges[i*], i*)`` with the last argmin over candidates."""
-    return _kl_amax(counts, edges, "entropy", num_bits, unsigned, start_bin, stride)
+                 stride: int = 1, nan_policy: str = "inf"):
+    """TensorRT KL amax: ``(amax = edges[i*], i*)`` with the last argmin over candidates.
+
+    nan_policy: ``"inf"`` (default) excludes candidates whose kept bins are all empty, where
+    TensorRT's divergence is 0/0; ``"tensorrt"`` keeps NVIDIA's NaN, which ``argmin`` picks:
+    amax = lower edge of the first non-empty bin (bit-compatible with TensorRT; module doc).
+    """
+    return _kl_amax(counts, edges, "entropy", num_bits, unsigned, start_bin, stride, nan_policy)
 
 
 @partial(jax.jit, static_argnames=("num_bits", "unsigned", "start_bin", "stride"))
@@ -283,10 +319,13 @@ PRECISIONS = ("float64", "float32")
 
 def compute_amax(hist, method: str = "entropy", *, num_bits: int = 8, unsigned: bool = False,
                  start_bin: int = 128, stride: int = 1, percentile: float = 99.99,
-                 name: str | None = None, relu: bool = False, precision: str = "float64") -> float:
+                 name: str | None = None, relu: bool = False, precision: str = "float64",
+                 nan_policy: str = "inf") -> float:
     """Host API: amax of one tensor from a :class:`Histogram` or a ``(counts, edges)`` pair of |x|.
 
     relu: for a ``signed`` Histogram, use the post-ReLU distribution (ReLU fusion).
+    nan_policy: ``"inf"`` (default) or ``"tensorrt"`` (``entropy`` only; see :func:`entropy_amax`:
+      TensorRT's pick where its divergence is NaN, e.g. tensors almost all zero).
     precision: ``"float64"`` runs the jitted search under a local ``jax.enable_x64`` (exact parity
       with the float64 reference, whatever the global x64 setting); ``"float32"`` does not.
     Raises ``ValueError`` naming the tensor for NaN/Inf, an empty histogram or bad arguments.
@@ -296,6 +335,9 @@ def compute_amax(hist, method: str = "entropy", *, num_bits: int = 8, unsigned: 
         raise ValueError(f"{name or 'tensor'}: unknown calibration method {method!r}; expected one of {METHODS}")
     if precision not in PRECISIONS:
         raise ValueError(f"{name or 'tensor'}: precision must be one of {PRECISIONS}, got {precision!r}")
+    if nan_policy not in NAN_POLICIES or (nan_policy != "inf" and method != "entropy"):
+        raise ValueError(f"{name or 'tensor'}: nan_policy must be one of {NAN_POLICIES} "
+                         f"('tensorrt' only with method 'entropy'), got {nan_policy!r} for {method!r}")
     if isinstance(hist, Histogram):
         name = name or hist.name
         if hist.n_nan or hist.n_inf:
@@ -328,7 +370,7 @@ def compute_amax(hist, method: str = "entropy", *, num_bits: int = 8, unsigned: 
     with jax.enable_x64(precision == "float64"):
         c, e = jnp.asarray(counts.astype(dt)), jnp.asarray(edges.astype(dt))
         if method == "entropy":
-            amax, _ = entropy_amax(c, e, **kw)
+            amax, _ = entropy_amax(c, e, nan_policy=nan_policy, **kw)
         elif method == "kl_cfws":
             amax, _ = kl_cfws_amax(c, e, **kw)
         elif method == "mse":

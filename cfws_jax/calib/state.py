@@ -19,8 +19,12 @@ Range handling:
   needed, adjacent pairs are merged (width doubles, exact) and ``n_coarsened`` counts it: this
   is a [D] deviation from TensorRT, which grows without bound.
 
-Binning: bin ``min(floor(v / width), n - 1)`` computed in float32; a value equal to the upper
-edge lands in the last bin. Counts are exact 64-bit integers held as two uint32 words (lo, hi)
+Binning: bin ``min(floor(v / width), n - 1)`` with the floor of the *exact* quotient (a float32
+estimate, corrected by an exact integer comparison of ``v`` with ``j * width``; XLA:CPU's float32
+division is not correctly rounded), so a value exactly on an edge ``j * width`` lands in bin
+``j`` and one ulp below it in bin ``j - 1``, as a float64 ``floor(v / width)`` gives. With a
+power-of-two ``num_bins`` the edges of :func:`finalize` are exactly ``j * width``. A value equal
+to the upper edge lands in the last bin. Counts are exact 64-bit integers held as two uint32 words (lo, hi)
 with carry, so no float rounding and no int32 overflow (x64 mode not needed). NaN/Inf are not
 binned; they are counted (``n_nan``, ``n_inf``) and :func:`finalize` raises naming the tensor.
 """
@@ -154,6 +158,65 @@ def init(num_bins: int = 2048, mode: str = "abs", range_mode: str = "fixed", ama
         num_bins=int(num_bins), mode=mode, range_mode=range_mode, skip_zeros=bool(skip_zeros))
 
 
+def _u64_mul_u32(a, b) -> U64:
+    """Exact 64-bit product of two uint32 arrays (16-bit limbs)."""
+    a, b = jnp.asarray(a, jnp.uint32), jnp.asarray(b, jnp.uint32)
+    m16 = jnp.uint32(0xFFFF)
+    a0, a1, b0, b1 = a & m16, a >> 16, b & m16, b >> 16
+    mid = u64_add(u64_from_u32(a0 * b1), u64_from_u32(a1 * b0))  # < 2^33
+    mid_shifted = U64(mid.lo << 16, (mid.lo >> 16) | (mid.hi << 16))
+    return u64_add(U64(a0 * b0, a1 * b1), mid_shifted)
+
+
+def _u64_shl(m, d) -> U64:
+    """``m << d`` for uint32 ``m`` and 0 <= d < 64 (int32) as U64."""
+    m = jnp.asarray(m, jnp.uint32)
+    d = jnp.asarray(d, jnp.int32)
+    du = jnp.clip(d, 0, 31).astype(jnp.uint32)
+    lo_small = m << du
+    hi_small = jnp.where(d > 0, m >> jnp.clip(32 - d, 1, 31).astype(jnp.uint32), 0)
+    hi_big = m << jnp.clip(d - 32, 0, 31).astype(jnp.uint32)
+    big = d >= 32
+    return U64(jnp.where(big, jnp.uint32(0), lo_small), jnp.where(big, hi_big, hi_small).astype(jnp.uint32))
+
+
+def _mant_exp(x):
+    """float32 x >= 0 -> (integer mantissa uint32, exponent int32) with x = m * 2^(e - 150)."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+    e = ((bits >> 23) & 0xFF).astype(jnp.int32)
+    frac = bits & jnp.uint32(0x7FFFFF)
+    normal = e > 0
+    return jnp.where(normal, frac | jnp.uint32(0x800000), frac), jnp.where(normal, e, 1)
+
+
+def _edge_le(j, mw, ew, mv, ev):
+    """Exact ``j * width <= v`` for int32 j >= 0 (< 2^31), width = mw * 2^(ew-150) > 0 and
+    v = mv * 2^(ev-150) >= 0 (see :func:`_mant_exp`)."""
+    d = ev - ew  # compare j * mw  with  mv * 2^d
+    lhs = _u64_mul_u32(j.astype(jnp.uint32), mw)
+    rhs = _u64_shl(mv, jnp.clip(d, 0, 63))
+    le = (lhs.hi < rhs.hi) | ((lhs.hi == rhs.hi) & (lhs.lo <= rhs.lo))
+    # d < 0: v < width, so only j = 0 fits; d >= 40: v >= 2^40 width > j * width
+    return jnp.where(d < 0, j == 0, jnp.where(d >= 40, True, le))
+
+
+def bin_index(v, width, n):
+    """``min(floor(v / width), n - 1)`` (int32) with the floor of the exact quotient; v >= 0
+    float32 (finite), width > 0 float32 scalar, n the number of active bins."""
+    mw, ew = _mant_exp(width)
+    mv, ev = _mant_exp(v)
+    # estimate (mv / mw) * 2^(ev - ew) on normal numbers only (CPU flushes subnormals), the
+    # power of two built from its bits: within 1 of the exact floor below 2^22
+    d = jnp.clip(ev - ew, -100, 100)
+    half = jax.lax.bitcast_convert_type(((d // 2 + 127) << 23).astype(jnp.uint32), jnp.float32)
+    rest = jax.lax.bitcast_convert_type(((d - d // 2 + 127) << 23).astype(jnp.uint32), jnp.float32)
+    q = mv.astype(jnp.float32) / mw.astype(jnp.float32) * half * rest
+    est = jnp.floor(jnp.minimum(q, 2.0**30)).astype(jnp.int32)
+    k = est - (~_edge_le(est, mw, ew, mv, ev)).astype(jnp.int32)
+    k = k + _edge_le(k + 1, mw, ew, mv, ev).astype(jnp.int32)
+    return jnp.clip(k, 0, n - 1)
+
+
 def _values(x, mode: str):
     """(v >= 0 values to bin, side index 0/1) for a flat float32 x."""
     if mode == "relu":
@@ -231,8 +294,8 @@ def update(state: HistState, x) -> HistState:
     else:
         counts, width, upper, n, n_coarsened = (state.counts, state.width, state.upper,
                                                 state.n_bins, state.n_coarsened)
-    pos = jnp.where(width > 0, v / jnp.where(width > 0, width, 1.0), jnp.where(v > 0, jnp.inf, 0.0))
-    idx = jnp.minimum(jnp.floor(jnp.minimum(pos, 2.0**30)).astype(jnp.int32), n - 1)
+    on = width > 0
+    idx = jnp.where(on, bin_index(v, jnp.where(on, width, 1.0), n), jnp.where(v > 0, n - 1, 0))
     ones = valid.astype(jnp.uint32)
     cap = counts.lo.shape[1]
     flat = idx if side is None else side * cap + idx
