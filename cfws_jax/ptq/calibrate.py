@@ -8,18 +8,29 @@ the tensor's max over all calibration batches, pass 2 fills a fixed ``[0, max]``
 * parallel: every point's statistics come from one float forward per batch and pass;
 * sequential: points are calibrated one at a time in execution order; point ``i`` sees the
   network with quantized weights and the activation quantizers of points ``< i`` enabled.
-  One jitted forward serves all stages (the stage index is a traced argument).
+  :func:`calibrate_sequential` does it in one pass (each layer its own small jitted function,
+  the batches meeting at every point); :func:`calibrate_sequential_reference` runs the whole
+  jitted network once per point (stage index traced) and is its bit-exact test reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import threading
+
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cfws_jax import calib
+from cfws_jax.models.layers import QConv, QDense, activation
 from cfws_jax.progress import Progress
 from cfws_jax.ptq.config import QuantConfig
-from cfws_jax.ptq.runtime import Plan, jitted_forward
+from cfws_jax.ptq.graph import LayerInfo, layer_name
+from cfws_jax.ptq.runtime import Plan, jitted_forward, layer_linear
+from cfws_jax.quant import fake_quant_symmetric
 
 
 def _amax_from(point, hist_state, tensor_max: float, config: QuantConfig) -> float:
@@ -44,48 +55,215 @@ def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig,
     dummy = jnp.ones((P,), jnp.float32)
     init_states = [calib.init(config.num_bins, "abs", "fixed", 0.0) for _ in range(P)]
     maxes = np.zeros((P,), np.float64)
-    bar = Progress(total=2 * len(batches), desc="calibrate (parallel)", unit="batch", disable=not progress)
+    n_img = sum(int(b.shape[0]) for b in batches)
+    bar = Progress(total=2 * n_img, desc="calibrate (parallel, 2 passes)", unit="img", disable=not progress)
     for x in batches:  # pass 1: ranges
         m = np.asarray(fwd(weights, dummy, qmax, off, x, states=init_states)["maxes"])
         maxes = np.maximum(maxes, m)
-        bar.update()
+        bar.update(int(x.shape[0]))
     for p, m in zip(plan.points, maxes):
         _check_finite(m, p.name)
     states = [calib.init(config.num_bins, "abs", "fixed", float(m)) for m in maxes]
     for x in batches:  # pass 2: histograms
         states = fwd(weights, dummy, qmax, off, x, states=states)["states"]
-        bar.update()
+        bar.update(int(x.shape[0]))
     bar.close()
     return np.asarray([_amax_from(p, s, m, config) for p, s, m in zip(plan.points, states, maxes)],
                       np.float32)
 
 
-def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfig, progress=True) -> np.ndarray:
-    """amax ``(P,)``, each point calibrated on quantized weights and quantized upstream tensors."""
+def calibrate_sequential_reference(model, plan: Plan, weights, batches, config: QuantConfig,
+                                   progress=True) -> np.ndarray:
+    """amax ``(P,)``, each point calibrated on quantized weights and quantized upstream tensors.
+
+    The slow reference: the whole network runs once (one batch) or twice (range + histogram)
+    per point. :func:`calibrate_sequential` gives the bit-identical result in one pass."""
     P = len(plan.points)
     fwd = jitted_forward(model, plan, collect="stage", num_bins=config.num_bins)
     qmax = plan.qmax()
     amax = np.zeros((P,), np.float32)
     idx = np.arange(P)
     empty = calib.init(config.num_bins, "abs", "fixed", 0.0)
-    bar = Progress(total=P, desc="calibrate (sequential)", unit="tensor", disable=not progress)
+    # the bar counts images pushed through the network: one pass per quantizer with one batch,
+    # else a range pass plus (except for "max") a histogram pass
+    n_img = sum(int(b.shape[0]) for b in batches)
+    passes = [1 if len(batches) == 1 or p.method == "max" else 2 for p in plan.points]
+    bar = Progress(total=n_img * sum(passes), desc=f"calibrate (sequential, {P} quantizers)", unit="img",
+                   disable=not progress)
     for i, p in enumerate(plan.points):
         enabled = jnp.asarray(idx < i)
         a = jnp.asarray(amax)
         if len(batches) == 1:  # one batch: range and histogram from a single forward
             out = fwd(weights, a, qmax, enabled, batches[0], stage=i, stage_state=None)
             m, state = float(out["stage_max"]), out["stage_state"]
+            bar.update(n_img)
         else:
             m = 0.0
             for x in batches:  # pass 1: range
                 m = max(m, float(fwd(weights, a, qmax, enabled, x, stage=i, stage_state=empty)["stage_max"]))
+                bar.update(int(x.shape[0]))
             state = calib.init(config.num_bins, "abs", "fixed", m)
             if p.method != "max":
                 for x in batches:  # pass 2: histogram
                     state = fwd(weights, a, qmax, enabled, x, stage=i, stage_state=state)["stage_state"]
+                    bar.update(int(x.shape[0]))
         _check_finite(m, p.name)
         amax[i] = m if p.method == "max" else _amax_from(p, state, m, config)
-        bar.set_postfix(f"{p.name} amax={amax[i]:.4g}")
-        bar.update()
+        bar.set_postfix(f"{i + 1}/{P} {p.name} amax={amax[i]:.4g}")
     bar.close()
+    return amax
+
+
+# ----------------------------------------------------------------------------- one-pass sequential
+# Small jitted pieces of the sequential driver. jax.jit caches them per static argument and
+# argument shape, so there is one compile per distinct layer geometry / tensor shape, not per
+# point. ``TRACE_COUNTS`` counts how often each python body is traced (tests read it).
+TRACE_COUNTS = {"layer": 0, "act": 0, "max": 0, "hist": 0, "fq": 0}
+
+
+def _stat(t, relu: bool):
+    """The calibration statistic of a point: relu(t) at ReLU-fused points, else |t| (float32)."""
+    return (jnp.maximum(t, 0) if relu else jnp.abs(t)).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("info", "act"))
+def _layer_fn(x, kernel, bias, *, info, act):
+    """``act(linear(x))`` of one layer; ``info`` is the layer's static geometry (a LayerInfo with
+    name / index / shapes blanked, so layers of one structure share a compile)."""
+    TRACE_COUNTS["layer"] += 1
+    return activation(layer_linear(info, x, kernel, bias), act)
+
+
+@functools.partial(jax.jit, static_argnames=("act",))
+def _act_fn(y, *, act):
+    TRACE_COUNTS["act"] += 1
+    return activation(y, act)
+
+
+@functools.partial(jax.jit, static_argnames=("relu",))
+def _max_fn(t, *, relu):
+    TRACE_COUNTS["max"] += 1
+    return calib.max_abs(_stat(t, relu))
+
+
+@functools.partial(jax.jit, static_argnames=("relu",))
+def _hist_fn(state, t, *, relu):
+    TRACE_COUNTS["hist"] += 1
+    return calib.update(state, _stat(t, relu))
+
+
+@functools.partial(jax.jit, static_argnames=("rounding",))
+def _fq_fn(t, amax, qmax, *, rounding):
+    TRACE_COUNTS["fq"] += 1
+    return fake_quant_symmetric(t, amax, qmax, rounding)
+
+
+def _geometry(info: LayerInfo) -> LayerInfo:
+    return dataclasses.replace(info, name="", in_shape=(), out_shape=(), input_from=None, index=0, is_output=False)
+
+
+class _Done(Exception):
+    """Raised inside a batch's forward once its last point is quantized (the rest is not needed)."""
+
+
+def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfig, progress=True) -> np.ndarray:
+    """amax ``(P,)`` as :func:`calibrate_sequential_reference` computes it, bit for bit, in one
+    pass through the network.
+
+    Each calibration batch runs the Flax model once (one thread per batch beyond the first),
+    under an interceptor that runs every QConv/QDense as its own small jitted function on the
+    dequantized ``weights``. At a point, all batches meet (a barrier); the last to arrive computes
+    the tensor's max over all batches, the fixed ``[0, max]`` histogram (exact integer counts),
+    and the amax on the host exactly as the reference does; then every batch quantizes its own
+    tensor with that amax and goes on. Per-batch layer results are those of a per-batch forward,
+    so the statistics match the reference's.
+    """
+    P = len(plan.points)
+    amax = np.zeros((P,), np.float32)
+    if P == 0:
+        return amax
+    qmax = [jnp.asarray(p.spec.qmax, jnp.float32) for p in plan.points]
+    by_name = {lp.info.name: lp for lp in plan.layers}
+    geoms = {lp.info.name: _geometry(lp.info) for lp in plan.layers}
+    nb = len(batches)
+    slots: list = [None] * nb
+    current = [None]  # the point being calibrated
+    bar = Progress(total=P, desc=f"calibrate (sequential, one pass, {P} quantizers)", unit="point",
+                   disable=not progress)
+
+    def settle():  # run by exactly one thread, once all batches hold the tensor of point current[0]
+        i = current[0]
+        p = plan.points[i]
+        relu = p.mode == "relu"
+        m = 0.0
+        for t in slots:
+            m = max(m, float(_max_fn(t, relu=relu)))
+        _check_finite(m, p.name)
+        if p.method == "max":
+            amax[i] = m
+        else:
+            state = calib.init(config.num_bins, "abs", "fixed", m)
+            for t in slots:
+                state = _hist_fn(state, t, relu=relu)
+            amax[i] = _amax_from(p, state, m, config)
+        bar.update(1)
+        bar.set_postfix(f"{i + 1}/{P} {p.name} amax={amax[i]:.4g}")
+
+    barrier = threading.Barrier(nb, action=settle)
+
+    def point(i: int, b: int, t):
+        slots[b] = t
+        current[0] = i
+        barrier.wait()
+        q = _fq_fn(t, jnp.asarray(amax[i]), qmax[i], rounding=plan.points[i].rounding)
+        if i == P - 1:
+            raise _Done
+        return q
+
+    def run(b: int):
+        def interceptor(next_fun, args, kwargs, context):
+            mod = context.module
+            if context.method_name != "__call__" or not isinstance(mod, (QConv, QDense)):
+                return next_fun(*args, **kwargs)
+            lp = by_name[layer_name(mod)]
+            x = args[0]
+            if lp.in_point is not None:
+                x = point(lp.in_point, b, x)
+            w = weights[lp.info.name]
+            pre = lp.out_point is not None and plan.points[lp.out_point].before_act
+            y = _layer_fn(x, w["kernel"], w.get("bias"), info=geoms[lp.info.name],
+                          act=None if pre else lp.info.act)
+            if lp.out_point is not None:
+                y = point(lp.out_point, b, y)
+                if pre:
+                    y = _act_fn(y, act=lp.info.act)
+            return y
+
+        try:
+            with nn.intercept_methods(interceptor):
+                model.apply({"params": {}}, batches[b])
+        except _Done:
+            return
+        raise RuntimeError("sequential calibration: the forward ended before its last quantization point")
+
+    errors: list = []
+
+    def worker(b: int):
+        try:
+            run(b)
+        except threading.BrokenBarrierError:
+            pass  # another batch failed first; its error is reported
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(b,), daemon=True) for b in range(1, nb)]
+    for th in threads:
+        th.start()
+    worker(0)
+    for th in threads:
+        th.join()
+    bar.close()
+    if errors:
+        raise errors[0]
     return amax

@@ -54,7 +54,8 @@ class QuantConfig:
         quantized weights) or ``"parallel"`` (all from the float network).
       quantize_input: quantize the network input (per-tensor).
       quantize_first_layer / quantize_last_layer: weights of the first / last layer (the last
-        layer's output, the logits, always stays float).
+        layer's output, the logits, always stays float); for detectors "last" means every
+        output layer (``is_output`` head prediction convs, whose outputs always stay float).
       float_layers: glob patterns of layer names kept entirely in float.
       bias: ``"float"`` or ``"int16"`` (per-tensor, ``max|b| / 32767``).
       num_calib_images / calib_batch_size / seed: calibration sample.

@@ -66,8 +66,17 @@ def resolve_model(arch_or_model, variables, num_classes):
         variables = fuse(arch, variables)
     params = variables["params"]
     if num_classes is None:
-        num_classes = int(np.shape(params["linear"]["kernel"])[-1]) if "linear" in params else None
+        num_classes = params_num_classes(params)
     return arch, create_model(arch, deploy=True, num_classes=num_classes), params
+
+
+def params_num_classes(params) -> int | None:
+    """Class count of deploy-form params: the classifier's ``linear`` outputs, or a detector
+    head's ``detect/cls_preds_0`` outputs; None when neither is present."""
+    if "linear" in params:
+        return int(np.shape(params["linear"]["kernel"])[-1])
+    cls0 = params.get("detect", {}).get("cls_preds_0") if isinstance(params.get("detect"), Mapping) else None
+    return int(np.shape(cls0["kernel"])[-1]) if cls0 is not None else None
 
 
 def layer_params(params, name: str) -> Mapping:
@@ -122,7 +131,9 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
     else:
         amax = calibrate_sequential(model, plan, quant_w, batches, config, progress)
 
-    meta = {"format": FORMAT, "num_classes": int(layers[-1].out_shape[-1]), "input_shape": list(input_shape),
+    n_cls = params_num_classes(params)
+    meta = {"format": FORMAT, "num_classes": int(layers[-1].out_shape[-1]) if n_cls is None else n_cls,
+            "input_shape": list(input_shape),
             "calibration": {"images": int(sum(b.shape[0] for b in batches)), "batches": len(batches),
                             "order": config.calib_order}}
     return QuantizedModel(layers=q_layers, act_amax=np.asarray(amax, np.float32), arch=arch or "",
@@ -179,8 +190,11 @@ def _unnest(tree: Mapping, names: Sequence[str]) -> dict:
     return out
 
 
-def save_quantized(qm: QuantizedModel, directory, *, overwrite: bool = False) -> str:
-    """Write ``qm`` with orbax (``cfws_jax.io`` layout): codes, scales, amax + JSON metadata."""
+def save_quantized(qm: QuantizedModel, directory, *, overwrite: bool = False, flag: str | None = None) -> str:
+    """Write ``qm`` with orbax (``cfws_jax.io`` layout): codes, scales, amax + JSON metadata.
+
+    Atomic and manifest-checked like :func:`cfws_jax.io.save_variables` (``overwrite`` replaces
+    only a folder cfws_jax wrote; ``flag`` names the CLI option in errors)."""
     from cfws_jax import io
 
     if not qm.arch:
@@ -189,7 +203,7 @@ def save_quantized(qm: QuantizedModel, directory, *, overwrite: bool = False) ->
             "layers": qm.plan.names, "points": [p.name for p in qm.plan.points],
             "schemes": {lp.info.name: lp.scheme for lp in qm.plan.layers}, **qm.meta}
     tree = {"layers": _nest(qm.layers), "act_amax": np.asarray(qm.act_amax, np.float32)}
-    return io.save_variables(directory, tree, meta, overwrite=overwrite)
+    return io.save_variables(directory, tree, meta, overwrite=overwrite, flag=flag)
 
 
 def load_quantized(directory, arch: str | None = None) -> QuantizedModel:
@@ -201,6 +215,9 @@ def load_quantized(directory, arch: str | None = None) -> QuantizedModel:
     from cfws_jax import io
     from cfws_jax.models import create_model
 
+    if io.folder_kind(directory) == "variables":  # say so before restoring a large float checkpoint
+        raise ValueError(f"{directory} holds float variables written by cfws-jax convert, not a quantized model: "
+                         "pass it as --params (eval, ptq), or give --quantized the folder cfws-jax ptq wrote")
     tree, meta = io.load_variables(directory)
     if meta.get("kind") != "quantized_model":
         raise ValueError(f"{directory} is not a quantized model (it holds {meta.get('kind') or meta.get('form') or 'float variables'}); "

@@ -90,9 +90,10 @@ def build_plan(layers: list[LayerInfo], config: QuantConfig) -> Plan:
     last = len(layers) - 1
     for info in layers:
         i = info.index
+        is_last = i == last or info.is_output  # an output layer: its output stays float
         if config.keeps_float(info.name):
             scheme = "float"
-        elif (i == 0 and not config.quantize_first_layer) or (i == last and not config.quantize_last_layer):
+        elif (i == 0 and not config.quantize_first_layer) or (is_last and not config.quantize_last_layer):
             scheme = "float"
         elif info.rep and config.cfws and info.kind == "conv" and is_splittable(info.kernel_shape):
             scheme = "cfws"
@@ -110,7 +111,7 @@ def build_plan(layers: list[LayerInfo], config: QuantConfig) -> Plan:
             points.append(Point(f"{info.name}:in", info.name, "abs", method, config.a_bits, False,
                                 rounding=config.rounding))
             in_point = len(points) - 1
-        if i != last and not fully_float:
+        if not is_last and not fully_float:
             fused = info.act == "relu" and config.relu_fusion
             points.append(Point(
                 f"{info.name}:out", info.name, "relu" if fused else "abs", config.method_for(info.rep),
