@@ -57,7 +57,7 @@ def load_npz_variables(path) -> dict:
 def load_shipped_model(name: str = "repvgg_a0_cifar"):
     """``(arch, variables, form)`` of a model shipped in ``cfws_jax/assets``."""
     if name not in SHIPPED_MODELS:
-        raise KeyError(f"no shipped model {name!r}; shipped: {sorted(SHIPPED_MODELS)}")
+        raise ValueError(f"no shipped model {name!r}; shipped: {', '.join('shipped:' + n for n in sorted(SHIPPED_MODELS))}")
     arch, filename, form = SHIPPED_MODELS[name]
     path = ASSETS_DIR / filename
     if not path.exists():
@@ -74,4 +74,7 @@ def load_params(spec) -> tuple[dict, dict]:
         return variables, {"arch": arch, "form": form, "source": spec}
     from cfws_jax import io
 
+    if io.folder_kind(spec) == "quantized_model":
+        raise ValueError(f"{spec} is a quantized model written by cfws-jax ptq, not float variables: "
+                         "pass it as --quantized (eval), or give --params the folder cfws-jax convert wrote")
     return io.load_variables(spec)

@@ -22,15 +22,49 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import cfws_jax
+
     parser = argparse.ArgumentParser(
         prog="cfws-jax",
         description="INT8 post-training quantization of re-parameterized CNNs with "
         "Coarse & Fine Weight Splitting (CFWS).",
     )
+    parser.add_argument("--version", action="version", version=f"cfws-jax {cfws_jax.__version__}",
+                        help="print the cfws-jax version and exit (`cfws-jax version` adds jax/flax/backend)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+MAX_MESSAGE = 2000  # characters of one error line; longer messages are cut, saying how much was cut
+
+
+def error_line(e: BaseException) -> str:
+    """One line describing a user-facing error: the message (which names the file, key or
+    layer), newlines folded, cut to :data:`MAX_MESSAGE` characters."""
+    if isinstance(e, MemoryError):
+        text = "out of memory" + (f": {e}" if str(e) else " (the input declares more data than fits in memory)")
+    elif isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        text = e.args[0]
+    else:
+        text = str(e) or type(e).__name__
+    if isinstance(e, OverflowError):
+        text = f"number too large: {text}"
+    text = " ".join(text.split())
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE] + f" ... ({len(text) - MAX_MESSAGE} more characters)"
+    return text
+
+
+# The documented user-facing errors (printed as one line, exit 1): ValueError and its library
+# subclasses (cfws_jax.io.OutputError, cfws_jax.data.DataError, converters' CheckpointError),
+# OSError (file system: not found, permission, not a directory, ...), KeyError (unknown names),
+# MemoryError and OverflowError (inputs declaring impossible sizes). Anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, OSError, KeyError, MemoryError, OverflowError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # user-facing errors: no traceback
-        print(f"cfws-jax {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # user-facing errors: one line, no traceback
+        print(f"cfws-jax {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -114,7 +114,9 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
     float_top1 = exp.float_top1()
     print(f"float: top-1 {100 * float_top1:.2f}%", file=log)
     rows = []
-    bar = Progress(total=len(settings) * len(presets), desc="demo", unit="model", disable=not progress)
+    # counts evaluated test images (each quantized model: calibration + n_eval images), with ETA
+    bar = Progress(total=len(settings) * len(presets) * n_eval, desc=f"demo ({len(settings) * len(presets)} models)",
+                   unit="img", disable=not progress)
     for w_bits, a_bits in settings:
         for name in presets:
             t0 = time.perf_counter()
@@ -122,7 +124,7 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
             rows.append(DemoRow(f"W{w_bits}A{a_bits}", name, top1, top1 - float_top1, bops,
                                 time.perf_counter() - t0))
             bar.set_postfix(f"W{w_bits}A{a_bits} {name}: {100 * top1:.2f}%")
-            bar.update()
+            bar.update(n_eval)
     bar.close()
     info = {"arch": exp.arch, "data": exp.data, "eval_images": n_eval,
             "calib_images": num_calib, "seed": seed, "device": str(jax.devices()[0])}

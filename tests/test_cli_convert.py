@@ -148,3 +148,27 @@ def test_exclude_drops_named_extra_keys_explicitly(tmp_path, capsys):
     assert "excluded    1 keys: _ref_logits" in capsys.readouterr().out
     assert main(["convert", "--checkpoint", str(path), "--out", str(tmp_path / "c"), "--exclude", "nomatch*"]) == 1
     assert "matched no key" in capsys.readouterr().err
+
+
+def test_integer_weights_refused_unless_cast_integers(tmp_path, capsys):
+    """An int64 weight is refused naming its key; --cast-integers converts it exactly to float32."""
+    sd = _random_train_state_dict("repvgg_cifar_small", "dingxiaoh")
+    key = next(k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 4)
+    sd[key] = torch.round(sd[key] * 8).to(torch.int64)
+    ckpt = tmp_path / "int.pth"
+    torch.save(sd, ckpt)
+
+    assert main(["convert", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert repr(key) in err and "int64" in err and "int.pth" in err
+    assert not (tmp_path / "a").exists()
+
+    assert main(["convert", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--cast-integers"]) == 0
+    capsys.readouterr()
+    from converters.convert import convert_state_dict
+
+    want = convert_state_dict({k: v.numpy().astype(np.float32) for k, v in sd.items()}).variables
+    got, want = _flat(load_variables(tmp_path / "b")[0]), _flat(want)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == np.float32 and np.array_equal(got[k], np.asarray(want[k])), k

@@ -14,7 +14,7 @@ import os
 
 
 def register(sub) -> None:
-    p = sub.add_parser("convert", help="convert a PyTorch RepVGG / MobileOne checkpoint to Flax variables (orbax)")
+    p = sub.add_parser("convert", help="convert a PyTorch RepVGG / MobileOne / YOLOv6 checkpoint to Flax variables (orbax)")
     p.add_argument("--checkpoint", required=True, help="torch.save file (.pth/.pt, zip or legacy), .safetensors or .npz")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--arch", default=None, help="architecture name (inferred from the keys when omitted)")
@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="drop checkpoint keys matching this glob (repeatable; e.g. '_ref_*'); "
                         "every dropped key is listed")
+    p.add_argument("--cast-integers", action="store_true",
+                   help="allow exact, NaN-free integer-to-float32 weight casts")
     p.set_defaults(func=run)
 
 
@@ -52,11 +54,16 @@ def run(args) -> int:
     import jax
     import numpy as np
 
-    from cfws_jax.io import save_variables
+    from cfws_jax.io import check_output_dir, save_variables
     from converters.convert import convert_state_dict
     from converters.torch_reader import read_state_dict
 
-    src = read_state_dict(args.checkpoint, container_key=args.container_key)
+    check_output_dir(args.out, overwrite=args.overwrite, flag="--out")  # before any reading or work
+    from converters.module_classes import YOLOV6_MODULE_CLASSES
+
+    # Pickled YOLOv6 nn.Module trees (release files) load as inert records; other classes are refused.
+    src = read_state_dict(args.checkpoint, container_key=args.container_key, module_classes=YOLOV6_MODULE_CLASSES,
+                          cast_integers=args.cast_integers)
     state_dict = src.state_dict
     if args.exclude:
         import fnmatch
@@ -67,6 +74,9 @@ def run(args) -> int:
         print(f"excluded    {len(dropped)} keys: {', '.join(dropped)}")
         state_dict = {k: v for k, v in state_dict.items() if k not in set(dropped)}
     res = convert_state_dict(state_dict, args.arch, num_classes=args.num_classes)
+    if res.dropped:  # YOLOv6 detect.proj* and training-only head branches
+        shown = ", ".join(res.dropped[:8]) + (", ..." if len(res.dropped) > 8 else "")
+        print(f"dropped     {len(res.dropped)} keys (not Flax variables): {shown}")
     variables, form = res.variables, res.form
     fused = False
     if args.deploy and form == "train":
@@ -82,9 +92,10 @@ def run(args) -> int:
         "container": src.container,
         "fused_by_cfws_jax": fused,
     }
-    if args.num_classes is not None:
-        metadata["num_classes"] = args.num_classes
-    out = save_variables(args.out, variables, metadata, overwrite=args.overwrite)
+    num_classes = args.num_classes if args.num_classes is not None else res.num_classes
+    if num_classes is not None:
+        metadata["num_classes"] = num_classes
+    out = save_variables(args.out, variables, metadata, overwrite=args.overwrite, flag="--out")
     n_params = count_elements(variables.get("params", {}))
     n_other = count_elements(variables) - n_params
     container = src.container or "none (bare state dict)"

@@ -5,6 +5,13 @@
 
 With ``--json`` the last stdout line is ``{"top1": ..., "top5": ..., "images": ...}`` and
 everything else goes to stderr.
+
+    cfws-jax eval --task detect --arch yolov6s_v2 (--params DIR | --quantized QDIR) --data IMAGES
+                  --annotations instances.json [--limit N] [--conf 0.03] [--iou 0.65]
+                  [--image-size 640] [--load-size L] [--results-json FILE] [--json]
+
+prints the 12 COCO bbox numbers (``--json``: ``{"mAP", "mAP50", "stats", "images", "detections"}``);
+see :func:`run_detect`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,17 @@ def register(sub) -> None:
                    help="input size (default 224 for image folders, native for .npz)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # detection (--task detect): COCO mAP of a YOLOv6 model, see run_detect
+    p.add_argument("--task", default="classify", choices=("classify", "detect"),
+                   help="classify (top-1/top-5, default) or detect (COCO mAP; --data is the image "
+                   "folder, --image-size the letterbox canvas, default 640)")
+    p.add_argument("--annotations", metavar="JSON", help="detect: COCO instances JSON for the --data images")
+    p.add_argument("--conf", type=float, default=0.03, help="detect: confidence threshold (default 0.03)")
+    p.add_argument("--iou", type=float, default=0.65, help="detect: NMS IoU threshold (default 0.65)")
+    p.add_argument("--load-size", type=int, default=None,
+                   help="detect: long side before letterboxing (default: the official per-model size at 640)")
+    p.add_argument("--results-json", metavar="FILE", help="detect: also write the COCO result list here")
+    p.add_argument("--overwrite", action="store_true", help="detect: replace an existing --results-json file")
     p.set_defaults(func=run)
 
 
@@ -56,7 +74,9 @@ def float_apply_fn(arch: str, params_dir):
     variables, meta = assets.load_params(params_dir)
     _check_arch(arch, _meta(meta, "arch"), params_dir)
     deploy = _meta(meta, "form") == "deploy"
-    model = models.create_model(arch, deploy=deploy)
+    from cfws_jax.ptq.model import params_num_classes
+
+    model = models.create_model(arch, deploy=deploy, num_classes=params_num_classes(variables["params"]))
     # variables travel as a pytree argument of the jitted step, not as baked-in constants
     return jax.tree_util.Partial(functools.partial(_apply, model, deploy), variables)
 
@@ -86,9 +106,15 @@ def build_apply_fn(arch: str, *, params=None, quantized=None):
 
 
 def run(args) -> int:
+    if getattr(args, "task", "classify") == "detect":
+        return run_detect(args)
     from cfws_jax.data import open_source
     from cfws_jax.evaluate import evaluate_classifier
 
+    for flag, v, lo in (("--limit", args.limit, 0), ("--batch-size", args.batch_size, 1),
+                        ("--image-size", args.image_size, 1)):
+        if v is not None and v < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {v}")
     log = sys.stderr if args.json else sys.stdout
     try:
         src = open_source(args.data, split=args.split, image_size=args.image_size,
@@ -104,4 +130,64 @@ def run(args) -> int:
     else:
         top5 = "n/a" if res["top5"] is None else f"{100 * res['top5']:.2f}%"
         print(f"{args.arch}: top-1 {100 * res['top1']:.2f}%  top-5 {top5}  ({res['images']} images)")
+    return 0
+
+
+def _recorded_arch(name: str, folder) -> str:
+    """``name``, or for a size alias (``yolov6s``) the version ``folder``'s metadata records
+    (:func:`cfws_jax.models.registry.canonical_arch`); unreadable folders are left to the loader."""
+    from cfws_jax import io
+    from cfws_jax.models.registry import canonical_arch
+
+    recorded = None
+    if folder is not None and not str(folder).startswith("shipped:"):
+        try:
+            recorded = io.read_metadata(folder).get("metadata", {}).get("arch")
+        except (OSError, ValueError):
+            pass
+    return canonical_arch(name, recorded if isinstance(recorded, str) else None)
+
+
+def run_detect(args) -> int:
+    """``eval --task detect``: letterbox, forward, NMS, COCO mAP; the 12 COCO numbers as a table,
+    or with ``--json`` one last stdout line ``{"mAP", "mAP50", "stats", "images", "detections"}``."""
+    from cfws_jax.data.coco import CocoSource
+    from cfws_jax.detection import format_stats, load_size_for
+    from cfws_jax.detection.evaluate import evaluate_detector
+    from cfws_jax.io import check_output_file, write_file_atomic
+
+    if not args.annotations:
+        raise ValueError("--task detect needs --annotations INSTANCES.json")
+    for flag, v, lo in (("--limit", args.limit, 0), ("--batch-size", args.batch_size, 1),
+                        ("--image-size", args.image_size, 1), ("--load-size", args.load_size, 1)):
+        if v is not None and v < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    for flag, v in (("--conf", args.conf), ("--iou", args.iou)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{flag} must be in [0, 1], got {v}")
+    results_path = None
+    if args.results_json:
+        results_path = check_output_file(args.results_json, overwrite=args.overwrite, flag="--results-json",
+                                         suffixes=(".json",))
+    log = sys.stderr if args.json else sys.stdout
+    size = args.image_size or 640
+    arch = args.arch = _recorded_arch(args.arch, args.params or args.quantized)  # yolov6s -> yolov6s_v2
+    load = args.load_size or load_size_for(arch, size)
+    try:
+        src = CocoSource(args.data, args.annotations, image_size=size, load_size=load)
+    except ImportError as e:  # pycocotools / Pillow missing: a user-facing error
+        raise ValueError(str(e)) from e
+    print(f"data: {src.describe()}", file=log)
+    apply_fn = build_apply_fn(args.arch, params=args.params, quantized=args.quantized)
+    batch = max(1, min(args.batch_size, src.count(args.limit)))  # pad no further than the images there are
+    res = evaluate_detector(apply_fn, src, batch_size=batch, limit=args.limit,
+                            progress=not args.no_progress, conf=args.conf, iou=args.iou)
+    if results_path:
+        write_file_atomic(results_path, json.dumps(res["results"]), overwrite=args.overwrite, flag="--results-json")
+        print(f"wrote {res['detections']} detections to {results_path}", file=log)
+    print(f"{args.arch}: COCO bbox mAP@.5:.95 {100 * res['mAP']:.2f}  mAP@.5 {100 * res['mAP50']:.2f}  "
+          f"({res['images']} images, {res['detections']} detections, conf {args.conf}, IoU {args.iou})", file=log)
+    print(format_stats(res["stats"]), file=log)
+    if args.json:
+        print(json.dumps({k: res[k] for k in ("mAP", "mAP50", "stats", "images", "detections")}))
     return 0

@@ -8,6 +8,11 @@
 ``--keep-float K`` runs the single-layer sensitivity analysis and keeps the K most sensitive
 layers in float (partial quantization). The calibration images are a seeded random subset of
 ``--calib-split`` (default ``train``), disjoint from an evaluation on ``val``/``test``.
+
+Detectors (family ``yolov6``; ``--arch yolov6s`` takes the version the params folder records):
+the calibration images are letterboxed (``--image-size``, default 640; long side the official
+per-model load size, :func:`cfws_jax.detection.load_size_for`), pixels ``/ 255``; ``--protocol``
+is ignored; the sensitivity analysis runs on the first 8 calibration images.
 """
 
 from __future__ import annotations
@@ -24,24 +29,33 @@ def register(sub) -> None:
     p.add_argument("--params", required=True, metavar="DIR", help="variables written by cfws-jax convert, or shipped:NAME (e.g. shipped:repvgg_a0_cifar)")
     p.add_argument("--calib-data", required=True, metavar="SRC",
                    help="image folder, CIFAR-style .npz or tfds:NAME to draw calibration images from")
-    p.add_argument("--calib-split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--calib-split", default="train", choices=("train", "val", "test"),
+                   help="split of --calib-data to draw from (default train, disjoint from an evaluation on val/test)")
     p.add_argument("--preset", default="cfws_kl", choices=sorted(PRESETS), help="default: cfws_kl (the paper's method)")
     p.add_argument("--out", required=True, metavar="QDIR", help="output directory (orbax)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing quantized model in QDIR")
-    p.add_argument("--report", metavar="FILE", help="write the per-layer report (.json or .csv)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing quantized model in QDIR (and an existing --report file); only files "
+                        "cfws-jax wrote are removed")
+    p.add_argument("--report", metavar="FILE", help="write the per-layer report (.json: strict JSON, or .csv)")
     p.add_argument("--num-calib", type=int, default=None, help="calibration images (default 32)")
-    p.add_argument("--calib-batch-size", type=int, default=None)
+    p.add_argument("--calib-batch-size", type=int, default=None,
+                   help="images per calibration forward pass (default 32; lower it to save memory)")
     p.add_argument("--seed", type=int, default=None, help="seed of the calibration subset (default 0)")
-    p.add_argument("--order", choices=("sequential", "parallel"), default=None)
-    p.add_argument("--w-bits", type=int, default=None)
-    p.add_argument("--a-bits", type=int, default=None)
+    p.add_argument("--order", choices=("sequential", "parallel"), default=None,
+                   help="sequential (default): each quantizer calibrated on the already quantized network "
+                        "upstream; parallel: all from the float network in two passes (faster)")
+    p.add_argument("--w-bits", type=int, default=None, help="weight bits, 2..16 (default 8)")
+    p.add_argument("--a-bits", type=int, default=None, help="activation bits, 2..16 (default 8)")
     p.add_argument("--act-method", choices=METHODS, default=None, help="override the preset's activation method")
     p.add_argument("--float-layers", nargs="*", default=None, metavar="PAT", help="glob patterns kept in float")
     p.add_argument("--keep-float", type=int, default=0, metavar="K",
                    help="keep the K most sensitive layers in float (runs the sensitivity analysis)")
-    p.add_argument("--protocol", default="resize_crop", choices=("resize_crop", "direct"))
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--protocol", default="resize_crop", choices=("resize_crop", "direct"),
+                   help="image folders: resize_crop (short side 256 + centre crop 224) or direct (resize to 224x224)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="network input size (default 224 for image folders, native for .npz; detectors: the "
+                        "letterbox canvas, default 640)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -60,36 +74,77 @@ def _overrides(args) -> dict:
     return o
 
 
+_RANGES = (("num_calib", "--num-calib", 1, None), ("calib_batch_size", "--calib-batch-size", 1, None),
+           ("w_bits", "--w-bits", 2, 16), ("a_bits", "--a-bits", 2, 16), ("keep_float", "--keep-float", 0, None),
+           ("image_size", "--image-size", 1, None))
+
+
+def check_args(args) -> None:
+    """ValueError naming the flag for out-of-range numbers; OutputError for --out / --report
+    (validated before any work, so a bad path never costs a calibration run)."""
+    import os
+
+    from cfws_jax.io import OutputError, check_output_dir, check_output_file
+
+    for attr, flag, lo, hi in _RANGES:
+        v = getattr(args, attr, None)
+        if v is not None and (v < lo or (hi is not None and v > hi)):
+            want = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+            raise ValueError(f"{flag} must be {want}, got {v}")
+    out = check_output_dir(args.out, overwrite=args.overwrite, flag="--out")
+    if not str(args.params).startswith("shipped:") and os.path.abspath(args.params) == out:
+        raise OutputError(f"--out {out} is the --params folder; write the quantized model elsewhere")
+    if args.report:
+        report = check_output_file(args.report, overwrite=args.overwrite, flag="--report", suffixes=(".json", ".csv"))
+        if report.startswith(out + os.sep):
+            raise OutputError(f"--report {report} lies inside --out {out}; put it beside the model folder")
+
+
 def run(args) -> int:
     from cfws_jax.assets import load_params
     from cfws_jax.data import calibration_batches, open_source
     from cfws_jax.ptq import get_preset, quantize, save_quantized
-    from cfws_jax.ptq.report import format_report, layer_report, sensitivity, write_report
+    from cfws_jax.detection import load_size_for
+    from cfws_jax.models.registry import canonical_arch, family
+    from cfws_jax.ptq.report import format_report, layer_report, sensitivity, sensitivity_db, write_report
 
+    check_args(args)
     config = get_preset(args.preset, **_overrides(args))
     variables, meta = load_params(args.params)
     recorded = meta.get("arch") if isinstance(meta, dict) else None
-    if recorded is not None and recorded != args.arch:
+    arch = canonical_arch(args.arch, recorded)  # a size alias (yolov6s) takes the recorded version
+    if recorded is not None and recorded != arch:
         raise ValueError(f"--arch {args.arch!r} disagrees with {args.params}, which records arch {recorded!r}")
-    src = open_source(args.calib_data, split=args.calib_split, image_size=args.image_size, protocol=args.protocol)
+    detector = family(arch) == "yolov6"
+    if detector:  # letterboxed [0, 1] images at the official per-model load size
+        size = args.image_size or 640
+        src = open_source(args.calib_data, split=args.calib_split, image_size=size, protocol="letterbox",
+                          load_size=load_size_for(arch, size))
+    else:
+        src = open_source(args.calib_data, split=args.calib_split, image_size=args.image_size,
+                          protocol=args.protocol)
     print(f"calibration data: {src.describe()}", file=sys.stderr)
-    batches = calibration_batches(src, config.num_calib_images, config.calib_batch_size, config.seed)
+    if not 1 <= config.num_calib_images <= src.num_images:
+        raise ValueError(f"--num-calib {config.num_calib_images}: {src.spec} [{src.split}] holds "
+                         f"{src.num_images} images")
+    batches = calibration_batches(src, config.num_calib_images, config.calib_batch_size, config.seed,
+                                  progress=not args.no_progress)
     progress = not args.no_progress
-    qm = quantize(args.arch, variables, batches, config, progress=progress)
+    qm = quantize(arch, variables, batches, config, progress=progress)
     if args.keep_float:
-        ranking = sensitivity(qm, variables, batches[0])
+        ranking = sensitivity(qm, variables, batches[0][:8] if detector else batches[0])
         keep = tuple(r["layer"] for r in ranking[: args.keep_float])
         print("most sensitive layers (kept in float): " + ", ".join(
-            f"{r['layer']} ({r['logits_sqnr_db']:.1f} dB)" for r in ranking[: args.keep_float]), file=sys.stderr)
+            f"{r['layer']} ({sensitivity_db(r):.1f} dB)" for r in ranking[: args.keep_float]), file=sys.stderr)
         config = config.replace(float_layers=tuple(config.float_layers) + keep)
-        qm = quantize(args.arch, variables, batches, config, progress=progress)
-    save_quantized(qm, args.out, overwrite=args.overwrite)
+        qm = quantize(arch, variables, batches, config, progress=progress)
     report = layer_report(qm, variables, batches[0][:8])
+    save_quantized(qm, args.out, overwrite=args.overwrite, flag="--out")
     print(format_report(report))
     if args.report:
-        write_report(report, args.report)
+        write_report(report, args.report, overwrite=args.overwrite, flag="--report")
         print(f"report written to {args.report}", file=sys.stderr)
     n_cfws = sum(lp.scheme == "cfws" for lp in qm.plan.layers)
-    print(f"quantized {args.arch} with preset {args.preset}: {len(qm.plan.layers)} layers "
+    print(f"quantized {arch} with preset {args.preset}: {len(qm.plan.layers)} layers "
           f"({n_cfws} CFWS), {len(qm.plan.points)} activation quantizers -> {args.out}")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cfws_jax.data.errors import DataError
 from cfws_jax.data.preprocess import (
     CIFAR10, IMAGENET, IMAGE_EXTENSIONS, NORMALIZATIONS, PROTOCOLS, Normalization,
     get_normalization, transform_array, transform_pil,
@@ -20,14 +21,14 @@ from cfws_jax.data.preprocess import (
 from cfws_jax.data.source import SPLITS, ImageSource, calibration_batches, calibration_indices
 
 __all__ = [
-    "open_source", "calibration_batches", "calibration_indices", "ImageSource", "Normalization",
+    "DataError", "open_source", "calibration_batches", "calibration_indices", "ImageSource", "Normalization",
     "IMAGENET", "CIFAR10", "NORMALIZATIONS", "PROTOCOLS", "SPLITS", "IMAGE_EXTENSIONS",
     "get_normalization", "transform_pil", "transform_array",
 ]
 
 
 def open_source(spec: str, *, split: str = "val", image_size=None, protocol: str = "resize_crop",
-                normalization=None, num_workers: int = 4, data_dir=None) -> ImageSource:
+                normalization=None, num_workers: int = 4, data_dir=None, load_size=None) -> ImageSource:
     """Open a labelled image source.
 
     Args:
@@ -38,13 +39,20 @@ def open_source(spec: str, *, split: str = "val", image_size=None, protocol: str
         of variable image size, the native size (no resampling) for ``.npz`` and fixed-size
         tfds datasets.
       protocol: ``"resize_crop"`` (short side ``floor(size / 0.875)``, centre crop) or
-        ``"direct"`` (resize to ``image_size``).
+        ``"direct"`` (resize to ``image_size``), or ``"letterbox"`` (detectors: an image folder
+        letterboxed to a square ``image_size``, default 640, long side ``load_size``, pixels
+        ``x / 255``; :class:`cfws_jax.data.coco.LetterboxFolderSource`).
       normalization: ``"imagenet"``, ``"cifar10"`` or a :class:`Normalization`. None:
         CIFAR-10 statistics for ``.npz`` and ``tfds:cifar10``, ImageNet otherwise.
       num_workers: decoding threads for folder sources.
       data_dir: tfds data directory (default: tfds' own default / ``TFDS_DATA_DIR``).
     """
     spec = str(spec)
+    if protocol == "letterbox":  # detector input: letterboxed image folder, [0, 1], no mean/std
+        from cfws_jax.data.coco import LetterboxFolderSource
+
+        return LetterboxFolderSource(spec, split=split, image_size=image_size, load_size=load_size,
+                                     num_workers=num_workers)
     if spec.startswith("tfds:"):
         from cfws_jax.data.tfds import TfdsSource
 

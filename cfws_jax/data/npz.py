@@ -9,38 +9,73 @@ validation split: ``split="val"`` reads the ``test`` arrays. The arrays may be s
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from cfws_jax.data.errors import DataError
+
 from cfws_jax.data.preprocess import Normalization, check_protocol, image_hw, transform_array
 from cfws_jax.data.source import ImageSource, check_split
 
+_MAX_INFLATE_RATIO = 1100  # deflate/bzip2/lzma of real arrays stay far below; zlib tops out near 1032
 _SPLIT_KEYS = {"train": "train", "val": "test", "test": "test"}
+
+
+def check_npz_sizes(path: Path, keys) -> None:
+    """DataError unless each ``KEY.npy`` member's declared array size fits the bytes the archive
+    holds (checked from the headers, before anything is allocated)."""
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        for key in keys:
+            if f"{key}.npy" not in names:
+                continue
+            info = zf.getinfo(f"{key}.npy")
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+                raise DataError(f"{path}: member {key} declares {info.file_size:,} bytes but stores "
+                                f"{info.compress_size:,}")
+            if info.file_size > _MAX_INFLATE_RATIO * info.compress_size + 65536:
+                raise DataError(f"{path}: member {key} would inflate {info.compress_size:,} bytes to "
+                                f"{info.file_size:,}, more than any compressor produces; forged archive")
+            try:
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(fh)
+                    header = fh.tell()
+            except (ValueError, TypeError, SyntaxError) as e:
+                raise DataError(f"{path}: member {key} has a malformed .npy header ({e})") from None
+            nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
+            if nbytes > info.file_size - header:
+                raise DataError(f"{path}: member {key} declares shape {tuple(shape)} {dtype} ({nbytes:,} bytes) "
+                                f"but holds {info.file_size - header:,} bytes")
 
 
 def read_npz_split(path: Path, split: str):
     """(images uint8 NHWC, labels int32, class names or None, num_classes) for one split."""
     key = _SPLIT_KEYS[split]
+    check_npz_sizes(path, (f"x_{key}", f"y_{key}", "classes", "y_train", "y_test"))
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in (f"x_{key}", f"y_{key}") if k not in z.files]
         if missing:
-            raise ValueError(f"{path}: missing keys {missing} for split {split!r} (has {sorted(z.files)}); "
+            raise DataError(f"{path}: missing keys {missing} for split {split!r} (has {sorted(z.files)}); "
                              "expected x_train, y_train, x_test, y_test")
         x, y = z[f"x_{key}"], z[f"y_{key}"]
         classes = tuple(str(c) for c in z["classes"]) if "classes" in z.files else None
         all_y = [z[k] for k in ("y_train", "y_test") if k in z.files]
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"{path}: x_{key} must be uint8 [N, H, W, 3] (NHWC RGB), "
+        raise DataError(f"{path}: x_{key} must be uint8 [N, H, W, 3] (NHWC RGB), "
                          f"got {x.dtype} {x.shape}")
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{path}: y_{key} must be integer labels [{len(x)}], got {y.dtype} {y.shape}")
+        raise DataError(f"{path}: y_{key} must be integer labels [{len(x)}], got {y.dtype} {y.shape}")
     if len(y) and y.min() < 0:
-        raise ValueError(f"{path}: y_{key} has negative labels")
+        raise DataError(f"{path}: y_{key} has negative labels")
     num_classes = len(classes) if classes else int(max(int(a.max()) for a in all_y if len(a)) + 1)
     if len(y) and y.max() >= num_classes:
-        raise ValueError(f"{path}: y_{key} has label {int(y.max())} but only {num_classes} classes")
+        raise DataError(f"{path}: y_{key} has label {int(y.max())} but only {num_classes} classes")
     return x, y.astype(np.int32), classes, num_classes
 
 
@@ -77,11 +112,15 @@ def open_npz(path, *, split: str, image_size, protocol: str, normalization: Norm
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not an .npz (zip) archive")
+        raise DataError(f"{path}: not an .npz (zip) archive")
     try:
         x, y, classes, num_classes = read_npz_split(path, split)
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"{path}: out of memory while reading the arrays") from None
+    except (OSError, zipfile.BadZipFile, EOFError, OverflowError, NotImplementedError, RuntimeError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     return ArraySource(x, y, spec=str(path), split=split, num_classes=num_classes,
                        normalization=normalization, image_size=image_size, protocol=protocol,
                        class_names=classes)

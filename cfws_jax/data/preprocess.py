@@ -23,6 +23,8 @@ from typing import Literal
 
 import numpy as np
 
+from cfws_jax.data.errors import DataError
+
 Protocol = Literal["resize_crop", "direct"]
 PROTOCOLS = ("resize_crop", "direct")
 DEFAULT_CROP_PCT = 0.875
@@ -55,6 +57,8 @@ IMAGENET = Normalization("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225
 CIFAR10 = Normalization("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 """The CIFAR-10 statistics used by the project's CIFAR models (npz and tfds cifar10 sources)."""
 NORMALIZATIONS = {n.name: n for n in (IMAGENET, CIFAR10)}
+UNIT = Normalization("unit", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+"""``x / 255`` (no mean/std): the YOLOv6 detector input (letterbox sources)."""
 
 
 def get_normalization(name_or_norm) -> Normalization:
@@ -96,14 +100,42 @@ def _pil():
     return Image
 
 
+MAX_IMAGE_PIXELS = 1 << 26
+"""Largest image (width x height, 67 M pixels = 8192 x 8192) decoded; checked from the header
+before any pixel is decoded. Raise it for larger inputs: ``cfws_jax.data.preprocess.MAX_IMAGE_PIXELS``."""
+
+_DEFLATE_MAX_RATIO = 1100  # zlib cannot expand more than ~1032:1, so a PNG holds at least raw/1032 bytes
+
+
 def load_image(path) -> "object":
-    """Decode an image file to an RGB ``PIL.Image`` (ValueError naming the file if unreadable)."""
+    """Decode an image file to an RGB ``PIL.Image``; :class:`DataError` naming the file if it is
+    unreadable, declares more than :data:`MAX_IMAGE_PIXELS` pixels, or (PNG) declares more pixel
+    data than its compressed bytes can hold. Sizes are checked before decoding."""
+    import os
+
     Image = _pil()
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: image declares {w}x{h} = {w * h:,} pixels, above the limit of "
+                                f"{MAX_IMAGE_PIXELS:,} (cfws_jax.data.preprocess.MAX_IMAGE_PIXELS); not decoded")
+            if img.format == "PNG":
+                bits = 1 if img.mode == "1" else 8 * len(img.getbands())
+                raw = h * (1 + (w * bits + 7) // 8)
+                size = os.path.getsize(path)
+                if raw > _DEFLATE_MAX_RATIO * size + 65536:
+                    raise DataError(f"{path}: PNG declares {w}x{h} pixels ({raw:,} bytes of pixel data) but the "
+                                    f"file holds only {size:,} bytes; truncated or forged, not decoded")
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from e
+    except DataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image refused by Pillow's size limit ({e})") from None
+    except MemoryError:
+        raise DataError(f"{path}: out of memory while decoding the image") from None
+    except (OSError, SyntaxError, ValueError, OverflowError, EOFError) as e:
+        raise DataError(f"cannot decode image {path}: {e}") from None
 
 
 def resize_short_size(image_size: tuple[int, int], crop_pct: float = DEFAULT_CROP_PCT) -> int:

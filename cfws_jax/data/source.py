@@ -90,16 +90,24 @@ def calibration_indices(num_available: int, num_images: int, seed: int = 0) -> n
 
 
 def calibration_batches(src: ImageSource, num_images: int = 32, batch_size: int = 32,
-                        seed: int = 0) -> list[np.ndarray]:
+                        seed: int = 0, progress: bool = False) -> list[np.ndarray]:
     """A seeded random subset of ``src`` as a list of ``float32 [b, H, W, 3]`` batches.
 
     Batches hold ``batch_size`` images except possibly the last. Draw from a split that is
     disjoint from the evaluation split (e.g. ``train``); the subset depends only on
-    ``(src.num_images, num_images, seed)``.
+    ``(src.num_images, num_images, seed)``. ``progress``: a bar (images/s, ETA) while decoding.
     """
     batch_size = _check_batch_size(batch_size)
     try:
         idx = calibration_indices(src.num_images, int(num_images), seed)
     except ValueError as e:
         raise ValueError(f"{src.spec} [{src.split}]: {e}") from None
-    return [src.load(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size)]
+    from cfws_jax.progress import Progress
+
+    bar = Progress(total=len(idx), desc="load calibration images", unit="img", disable=not progress)
+    out = []
+    for i in range(0, len(idx), batch_size):
+        out.append(src.load(idx[i:i + batch_size])[0])
+        bar.update(len(out[-1]))
+    bar.close()
+    return out
