@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "cfws_jax.commands.ptq",
     "cfws_jax.commands.eval",
     "cfws_jax.commands.demo",
+    "cfws_jax.commands.export",
 )
 
 

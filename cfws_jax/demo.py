@@ -61,9 +61,10 @@ class ShippedExperiment:
     test: object
     limit: int | None
     batch_size: int = 250
+    mesh: object = None  # a cfws_jax.parallel.local_mesh (data parallel), or None: one device
 
     @classmethod
-    def load(cls, data: str | None, limit: int | None, batch_size: int = 250) -> "ShippedExperiment":
+    def load(cls, data: str | None, limit: int | None, batch_size: int = 250, mesh=None) -> "ShippedExperiment":
         from cfws_jax.assets import load_shipped_model
         from cfws_jax.data import open_source
         from cfws_jax.models import create_model, fuse
@@ -73,7 +74,7 @@ class ShippedExperiment:
         test = open_source(spec, split="test")
         n = test.num_images if limit is None else min(limit, test.num_images)
         return cls(spec, arch, variables, create_model(arch, deploy=True), fuse(arch, variables),
-                   open_source(spec, split="train"), test, n, batch_size)
+                   open_source(spec, split="train"), test, n, batch_size, mesh)
 
     def calibration(self, num_images: int = 32, seed: int = 0):
         from cfws_jax.data import calibration_batches
@@ -84,7 +85,7 @@ class ShippedExperiment:
         from cfws_jax.evaluate import evaluate_classifier
 
         return evaluate_classifier(apply_fn, self.test, batch_size=self.batch_size, limit=self.limit,
-                                   progress=False)["top1"]
+                                   progress=False, mesh=self.mesh)["top1"]
 
     def float_top1(self) -> float:
         model = self.model
@@ -95,17 +96,20 @@ class ShippedExperiment:
         from cfws_jax.ptq import quantize, quantized_apply_fn
         from cfws_jax.ptq.report import bops_ratio
 
-        qm = quantize(self.arch, self.variables, calib, config, progress=False)
+        qm = quantize(self.arch, self.variables, calib, config, progress=False, mesh=self.mesh)
         return self._top1(quantized_apply_fn(qm, self.model)), bops_ratio(qm)
 
 
 def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_PRESETS, settings=DEMO_SETTINGS,
              num_calib: int = 32, seed: int = 0, batch_size: int = 250, progress: bool = True,
-             log=sys.stderr) -> tuple[float, list[DemoRow], dict]:
-    """Float top-1 and one :class:`DemoRow` per (setting, preset). ``limit=None``: full test split."""
+             log=sys.stderr, mesh=None) -> tuple[float, list[DemoRow], dict]:
+    """Float top-1 and one :class:`DemoRow` per (setting, preset). ``limit=None``: full test split.
+    ``mesh``: :func:`cfws_jax.parallel.local_mesh` to calibrate and evaluate on (None: one device)."""
+    from cfws_jax.parallel import device_list, local_mesh
     from cfws_jax.ptq import get_preset
 
-    exp = ShippedExperiment.load(data, limit, batch_size)
+    mesh = None if mesh is None else local_mesh(mesh)
+    exp = ShippedExperiment.load(data, limit, batch_size, mesh)
     n_eval, n_test = exp.limit, exp.test.num_images
     print(f"model: {exp.arch} (shipped, fused); calibration: {num_calib} train images, seed {seed}; "
           f"evaluation: {'all' if n_eval == n_test else 'the first'} {n_eval} of "
@@ -127,7 +131,9 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
             bar.update(n_eval)
     bar.close()
     info = {"arch": exp.arch, "data": exp.data, "eval_images": n_eval,
-            "calib_images": num_calib, "seed": seed, "device": str(jax.devices()[0])}
+            "calib_images": num_calib, "seed": seed,
+            "devices": device_list(mesh) if mesh is not None else [str(jax.devices()[0])]}
+    info["device"] = info["devices"][0] if len(info["devices"]) == 1 else f"{len(info['devices'])} x {info['devices'][0]}"
     return float_top1, rows, info
 
 

@@ -62,8 +62,13 @@ def pad_batch(images, labels, batch_size: int):
 
 
 def evaluate_classifier(apply_fn, source, *, batch_size: int = 64, limit: int | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, mesh=None) -> dict:
     """Top-1 / top-5 accuracy of ``apply_fn`` over ``source`` (first ``limit`` images).
+
+    ``mesh``: a :func:`cfws_jax.parallel.local_mesh` (or a device count) to run data parallel:
+    every batch (``batch_size`` rounded up to a multiple of the device count) is sharded over
+    the devices, a ``jax.tree_util.Partial``'s arrays are replicated; counts are exact integers
+    reduced over the devices, padding rows masked out.
 
     Returns ``{"top1": float, "top5": float | None, "images": int}`` with accuracies as fractions
     in [0, 1]. ``top5`` is None when the model has fewer than 5 classes. A ValueError is raised
@@ -75,6 +80,15 @@ def evaluate_classifier(apply_fn, source, *, batch_size: int = 64, limit: int | 
                          "sub-folders); evaluation needs one sub-folder per class")
     if total == 0:
         raise ValueError(f"{source.spec} [{source.split}]: no images to evaluate")
+    put = lambda *a: a  # noqa: E731
+    if mesh is not None:
+        from cfws_jax import parallel
+
+        mesh = parallel.local_mesh(mesh)
+        batch_size = parallel.padded_size(batch_size, mesh)
+        if isinstance(apply_fn, jax.tree_util.Partial):
+            apply_fn = parallel.replicate(apply_fn, mesh)
+        put = lambda *a: jax.device_put(a, parallel.batch_sharding(mesh))  # noqa: E731
     step = make_eval_step(apply_fn)
     bar = Progress(total=total, desc="eval", unit="img", disable=not progress)
     counts = {"c1": 0, "c5": 0, "n": 0}
@@ -97,7 +111,7 @@ def evaluate_classifier(apply_fn, source, *, batch_size: int = 64, limit: int | 
     pending = None
     try:
         for images, labels in source.iter_batches(batch_size, limit):
-            out = step(*pad_batch(images, labels, batch_size))  # dispatched asynchronously
+            out = step(*put(*pad_batch(images, labels, batch_size)))  # dispatched asynchronously
             if pending is not None:
                 collect(*pending)  # the previous batch, while this one runs
             pending = (out, len(labels))

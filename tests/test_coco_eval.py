@@ -228,7 +228,10 @@ def test_cli_detect_fake_model(coco_src, monkeypatch, capsys, tmp_path):
     rc, out, err = run_cli(base + ["--json", "--results-json", str(out_json)], capsys)
     assert rc == 0, err
     doc = json.loads(out.strip().splitlines()[-1])
-    assert set(doc) == {"mAP", "mAP50", "stats", "images", "detections"} and doc["images"] == 4
+    assert set(doc) == {"mAP", "mAP50", "stats", "images", "detections", "devices"} and doc["images"] == 4
+    import jax
+
+    assert doc["devices"] == [str(d) for d in jax.local_devices()] and "devices: " in err
     assert doc["mAP"] > 0.95 and set(doc["stats"]) == set(STAT_NAMES)
     written = json.loads(out_json.read_text())
     assert len(written) == doc["detections"] and set(written[0]) == {"image_id", "category_id", "bbox", "score"}

@@ -176,8 +176,10 @@ def test_eval_command_json_with_injected_model(tmp_path, capsys, monkeypatch):
     assert rc == 0 and seen == {"arch": "tiny", "params": str(tmp_path), "quantized": None}
     res = json.loads(out.strip().splitlines()[-1])
     top1, top5, n = ref_from_npz(data, 30)
-    assert res == {"top1": top1, "top5": top5, "images": n}
+    devices = [str(d) for d in jax.local_devices()]
+    assert res == {"top1": top1, "top5": top5, "images": n, "devices": devices}
     assert len(out.strip().splitlines()) == 1 and "d.npz" in err  # other output on stderr
+    assert f"devices: {len(devices)} device" in err and devices[0] in err
     rc, out, _ = run_cli(["eval", "--arch", "tiny", "--quantized", "q", "--data", str(data),
                           "--no-progress"], capsys)
     top1, _, n = ref_from_npz(data, None)
@@ -206,7 +208,9 @@ def test_eval_command_float_params_path(tmp_path, capsys, monkeypatch):
     argv = ["eval", "--arch", "tiny", "--params", str(tmp_path), "--data", str(data), "--json", "--no-progress"]
     rc, out, _ = run_cli(argv, capsys)
     top1, top5, n = ref_from_npz(data, None)
-    assert rc == 0 and json.loads(out.splitlines()[-1]) == {"top1": top1, "top5": top5, "images": n}
+    doc = json.loads(out.splitlines()[-1])
+    assert rc == 0 and doc.pop("devices") == [str(d) for d in jax.local_devices()]
+    assert doc == {"top1": top1, "top5": top5, "images": n}
     assert calls[0] == (True, {})
     meta["form"] = "train"
     rc, out, _ = run_cli(argv, capsys)
@@ -226,7 +230,9 @@ def test_eval_command_quantized_path(tmp_path, capsys, monkeypatch):
     argv = ["eval", "--arch", "tiny", "--quantized", str(tmp_path), "--data", str(data), "--json", "--no-progress"]
     rc, out, _ = run_cli(argv, capsys)
     top1, top5, n = ref_from_npz(data, None)
-    assert rc == 0 and json.loads(out.splitlines()[-1]) == {"top1": top1, "top5": top5, "images": n}
+    doc = json.loads(out.splitlines()[-1])
+    assert rc == 0 and doc.pop("devices") == [str(d) for d in jax.local_devices()]
+    assert doc == {"top1": top1, "top5": top5, "images": n}
     qmodel.arch = "repvgg_a0"
     rc, _, err = run_cli(argv, capsys)
     assert rc == 1 and "disagrees" in err and "repvgg_a0" in err

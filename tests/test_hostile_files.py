@@ -39,7 +39,9 @@ t = time.perf_counter()
 try:
     read_state_dict(sys.argv[1])
 except CheckpointError as e:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # peak RSS of this process image (VmHWM); ru_maxrss would carry over the parent's RSS
+    # from before exec, i.e. the size of the pytest process that forked us
+    rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     print(f"{{rss}} {{time.perf_counter() - t:.3f}}")
     sys.stderr.write(f"CheckpointError: {{e}}\n")
     sys.exit(2)

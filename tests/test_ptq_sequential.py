@@ -65,7 +65,9 @@ def test_one_pass_equals_reference_repvgg(cfg, n_batches):
     _check_equal("repvgg_cifar_small", 16, n_batches, CONFIGS[cfg])
 
 
-@pytest.mark.parametrize("n_batches", [1, 3])
+# The per-point reference costs one whole forward per point, so each larger family runs one
+# (batches, config) pair: MobileOne 3 batches with kl_cfws/max, YOLOv6 1 batch with the others.
+@pytest.mark.parametrize("n_batches", [3])
 def test_one_pass_equals_reference_mobileone_with_se(n_batches):
     cfg = CONFIGS["entropy_mse_percentile" if n_batches == 1 else "klcfws_max_nofusion"]
     plan = _check_equal(SMALL_MOBILEONE, 16, n_batches, cfg)
@@ -73,7 +75,7 @@ def test_one_pass_equals_reference_mobileone_with_se(n_batches):
 
 
 @pytest.mark.skipif(not HAS_YOLOV6, reason="cfws_jax.models.yolov6 not present")
-@pytest.mark.parametrize("n_batches", [1, 3])
+@pytest.mark.parametrize("n_batches", [1])
 def test_one_pass_equals_reference_yolov6n(n_batches):
     # one config per batch count keeps the reference (hundreds of forwards) affordable
     cfg = CONFIGS["entropy_mse_percentile" if n_batches == 1 else "klcfws_max_nofusion"]

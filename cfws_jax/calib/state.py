@@ -226,11 +226,21 @@ def _values(x, mode: str):
     return jnp.abs(x), None
 
 
-def max_abs(x, mode: str = "abs"):
-    """Jittable first-pass statistic: max |x| (``relu``: max relu(x)) over the finite values; 0 if none."""
+def _row_mask(mask, x):
+    """Broadcast a leading-axes mask (e.g. bool ``[B]`` of the rows that count) to ``x.shape``."""
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim > x.ndim or x.shape[: mask.ndim] != mask.shape:
+        raise ValueError(f"calib: mask of shape {mask.shape} does not match the leading axes of {x.shape}")
+    return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x.shape)
+
+
+def max_abs(x, mode: str = "abs", mask=None):
+    """Jittable first-pass statistic: max |x| (``relu``: max relu(x)) over the finite values; 0 if none.
+    ``mask``: optional bool over the leading axes of ``x`` (e.g. ``[B]``); False rows are ignored."""
     x = jnp.asarray(x, jnp.float32)
     v, _ = _values(x, mode)
-    return jnp.max(jnp.where(jnp.isfinite(x), v, 0.0), initial=0.0)
+    keep = jnp.isfinite(x) if mask is None else jnp.isfinite(x) & _row_mask(mask, x)
+    return jnp.max(jnp.where(keep, v, 0.0), initial=0.0)
 
 
 def running_amax(state: HistState):
@@ -273,15 +283,24 @@ def _grow(state: HistState, bmax):
     return counts, width, upper, n, k
 
 
-def update(state: HistState, x) -> HistState:
-    """Add a batch ``x`` (any shape) to the histogram. Pure and jittable (``jax.jit(update)``)."""
+def update(state: HistState, x, mask=None) -> HistState:
+    """Add a batch ``x`` (any shape) to the histogram. Pure and jittable (``jax.jit(update)``).
+
+    ``mask``: optional bool over the leading axes of ``x`` (e.g. ``[B]`` rows of an NHWC batch);
+    elements of False rows (padding) are not counted anywhere (bins, NaN/Inf, min/max)."""
     x = jnp.asarray(x)
     if x.size >= 2**32:
         raise ValueError(f"calib.update: a batch holds at most 2^32 - 1 values, got {x.size}")
+    keep = None if mask is None else _row_mask(mask, x).reshape(-1)
     x = x.reshape(-1).astype(jnp.float32)
     finite = jnp.isfinite(x)
-    n_nan = jnp.sum(jnp.isnan(x), dtype=jnp.uint32)
-    n_inf = jnp.sum(jnp.isinf(x), dtype=jnp.uint32)
+    if keep is None:
+        n_nan = jnp.sum(jnp.isnan(x), dtype=jnp.uint32)
+        n_inf = jnp.sum(jnp.isinf(x), dtype=jnp.uint32)
+    else:
+        finite = finite & keep
+        n_nan = jnp.sum(jnp.isnan(x) & keep, dtype=jnp.uint32)
+        n_inf = jnp.sum(jnp.isinf(x) & keep, dtype=jnp.uint32)
     v, side = _values(x, state.mode)
     valid = finite & (v != 0) if state.skip_zeros else finite
     v = jnp.where(valid, v, 0.0)

@@ -1,10 +1,14 @@
 """``cfws-jax eval``: top-1 / top-5 accuracy of a float or quantized classifier.
 
-    cfws-jax eval --arch ARCH (--params DIR | --quantized QDIR) --data SRC
+    cfws-jax eval --arch ARCH (--params DIR | --quantized QDIR [--integer [--requant fixed]]) --data SRC
                   [--split S] [--limit N] [--batch-size B] [--protocol P] [--image-size N] [--json]
 
-With ``--json`` the last stdout line is ``{"top1": ..., "top5": ..., "images": ...}`` and
-everything else goes to stderr.
+``--integer`` runs a quantized model in integer arithmetic (:mod:`cfws_jax.ptq.integer_runtime`;
+also with ``--task detect``) and prints the same table.
+
+With ``--json`` the last stdout line is ``{"top1": ..., "top5": ..., "images": ..., "devices": [...]}``
+and everything else goes to stderr. ``--devices N``: data parallel on the first N local devices
+(default all; the device count and list are printed on stderr).
 
     cfws-jax eval --task detect --arch yolov6s_v2 (--params DIR | --quantized QDIR) --data IMAGES
                   --annotations instances.json [--limit N] [--conf 0.03] [--iou 0.65]
@@ -38,7 +42,16 @@ def register(sub) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="input size (default 224 for image folders, native for .npz)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    p.add_argument("--integer", action="store_true",
+                   help="with --quantized: run the network in integer arithmetic (int8 x int8 -> int32 "
+                   "convs, cfws_jax.ptq.integer_runtime) instead of the fake-quant simulation")
+    p.add_argument("--requant", default="float", choices=("float", "fixed"),
+                   help="with --integer: float32 requantization multipliers (default) or fixed-point "
+                   "integer multiplier + shift")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from cfws_jax.parallel import add_devices_arg
+
+    add_devices_arg(p)
     # detection (--task detect): COCO mAP of a YOLOv6 model, see run_detect
     p.add_argument("--task", default="classify", choices=("classify", "detect"),
                    help="classify (top-1/top-5, default) or detect (COCO mAP; --data is the image "
@@ -87,22 +100,36 @@ def _apply(model, deploy: bool, variables, x):
     return model.apply(variables, x, train=False)
 
 
-def quantized_apply_fn(arch: str, qdir):
-    """Load a quantized model and return its ``fn(images NHWC) -> logits``."""
+def quantized_apply_fn(arch: str, qdir, integer: bool = False, requant: str = "float"):
+    """Load a quantized model and return its ``fn(images NHWC) -> logits`` (fake-quant, or with
+    ``integer`` the integer-arithmetic forward of :mod:`cfws_jax.ptq.integer_runtime`)."""
     ptq = importlib.import_module("cfws_jax.ptq")
     qmodel = ptq.load_quantized(qdir)
     recorded = _meta(qmodel, "arch")
     _check_arch(arch, recorded if recorded is not None else _meta(qmodel, "architecture"), qdir)
+    if integer:
+        from cfws_jax.ptq.integer_runtime import integer_apply_fn
+
+        return integer_apply_fn(qmodel, requant=requant)
     return ptq.quantized_apply_fn(qmodel)
 
 
-def build_apply_fn(arch: str, *, params=None, quantized=None):
+def build_apply_fn(arch: str, *, params=None, quantized=None, integer: bool = False, requant: str = "float"):
     """The model to evaluate (tests may replace this function)."""
     if (params is None) == (quantized is None):
         raise ValueError("give exactly one of --params and --quantized")
+    if integer and quantized is None:
+        raise ValueError("--integer needs --quantized QDIR (a model written by cfws-jax ptq)")
     if params is not None:
         return float_apply_fn(arch, params)
-    return quantized_apply_fn(arch, quantized)
+    return quantized_apply_fn(arch, quantized, integer, requant)
+
+
+def _integer_kwargs(args) -> dict:
+    """``build_apply_fn`` keywords for ``--integer`` (none without it, so replaced functions keep working)."""
+    if not getattr(args, "integer", False):
+        return {}
+    return {"integer": True, "requant": getattr(args, "requant", "float")}
 
 
 def run(args) -> int:
@@ -115,6 +142,9 @@ def run(args) -> int:
                         ("--image-size", args.image_size, 1)):
         if v is not None and v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    from cfws_jax.parallel import device_list, mesh_from_args
+
+    mesh = mesh_from_args(args)  # checks --devices before any work
     log = sys.stderr if args.json else sys.stdout
     try:
         src = open_source(args.data, split=args.split, image_size=args.image_size,
@@ -122,11 +152,11 @@ def run(args) -> int:
     except ImportError as e:  # e.g. tensorflow_datasets / Pillow missing: a user-facing error
         raise ValueError(str(e)) from e
     print(f"data: {src.describe()}", file=log)
-    apply_fn = build_apply_fn(args.arch, params=args.params, quantized=args.quantized)
+    apply_fn = build_apply_fn(args.arch, params=args.params, quantized=args.quantized, **_integer_kwargs(args))
     res = evaluate_classifier(apply_fn, src, batch_size=args.batch_size, limit=args.limit,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, mesh=mesh)
     if args.json:
-        print(json.dumps(res))
+        print(json.dumps({**res, "devices": device_list(mesh)}))
     else:
         top5 = "n/a" if res["top5"] is None else f"{100 * res['top5']:.2f}%"
         print(f"{args.arch}: top-1 {100 * res['top1']:.2f}%  top-5 {top5}  ({res['images']} images)")
@@ -169,6 +199,9 @@ def run_detect(args) -> int:
     if args.results_json:
         results_path = check_output_file(args.results_json, overwrite=args.overwrite, flag="--results-json",
                                          suffixes=(".json",))
+    from cfws_jax.parallel import device_list, mesh_from_args
+
+    mesh = mesh_from_args(args)  # checks --devices before any work
     log = sys.stderr if args.json else sys.stdout
     size = args.image_size or 640
     arch = args.arch = _recorded_arch(args.arch, args.params or args.quantized)  # yolov6s -> yolov6s_v2
@@ -178,10 +211,10 @@ def run_detect(args) -> int:
     except ImportError as e:  # pycocotools / Pillow missing: a user-facing error
         raise ValueError(str(e)) from e
     print(f"data: {src.describe()}", file=log)
-    apply_fn = build_apply_fn(args.arch, params=args.params, quantized=args.quantized)
+    apply_fn = build_apply_fn(args.arch, params=args.params, quantized=args.quantized, **_integer_kwargs(args))
     batch = max(1, min(args.batch_size, src.count(args.limit)))  # pad no further than the images there are
     res = evaluate_detector(apply_fn, src, batch_size=batch, limit=args.limit,
-                            progress=not args.no_progress, conf=args.conf, iou=args.iou)
+                            progress=not args.no_progress, conf=args.conf, iou=args.iou, mesh=mesh)
     if results_path:
         write_file_atomic(results_path, json.dumps(res["results"]), overwrite=args.overwrite, flag="--results-json")
         print(f"wrote {res['detections']} detections to {results_path}", file=log)
@@ -189,5 +222,6 @@ def run_detect(args) -> int:
           f"({res['images']} images, {res['detections']} detections, conf {args.conf}, IoU {args.iou})", file=log)
     print(format_stats(res["stats"]), file=log)
     if args.json:
-        print(json.dumps({k: res[k] for k in ("mAP", "mAP50", "stats", "images", "detections")}))
+        print(json.dumps({**{k: res[k] for k in ("mAP", "mAP50", "stats", "images", "detections")},
+                          "devices": device_list(mesh)}))
     return 0

@@ -56,6 +56,9 @@ def register(sub) -> None:
                    help="network input size (default 224 for image folders, native for .npz; detectors: the "
                         "letterbox canvas, default 640)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from cfws_jax.parallel import add_devices_arg
+
+    add_devices_arg(p)
     p.set_defaults(func=run)
 
 
@@ -109,6 +112,9 @@ def run(args) -> int:
     from cfws_jax.ptq.report import format_report, layer_report, sensitivity, sensitivity_db, write_report
 
     check_args(args)
+    from cfws_jax.parallel import mesh_from_args
+
+    mesh = mesh_from_args(args)  # validates --devices before any work
     config = get_preset(args.preset, **_overrides(args))
     variables, meta = load_params(args.params)
     recorded = meta.get("arch") if isinstance(meta, dict) else None
@@ -130,14 +136,14 @@ def run(args) -> int:
     batches = calibration_batches(src, config.num_calib_images, config.calib_batch_size, config.seed,
                                   progress=not args.no_progress)
     progress = not args.no_progress
-    qm = quantize(arch, variables, batches, config, progress=progress)
+    qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh)
     if args.keep_float:
         ranking = sensitivity(qm, variables, batches[0][:8] if detector else batches[0])
         keep = tuple(r["layer"] for r in ranking[: args.keep_float])
         print("most sensitive layers (kept in float): " + ", ".join(
             f"{r['layer']} ({sensitivity_db(r):.1f} dB)" for r in ranking[: args.keep_float]), file=sys.stderr)
         config = config.replace(float_layers=tuple(config.float_layers) + keep)
-        qm = quantize(arch, variables, batches, config, progress=progress)
+        qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh)
     report = layer_report(qm, variables, batches[0][:8])
     save_quantized(qm, args.out, overwrite=args.overwrite, flag="--out")
     print(format_report(report))

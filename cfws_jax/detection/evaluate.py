@@ -60,12 +60,15 @@ def detect_batch(preds, infos, image_ids, cat_map, *, conf: float = CONF_THRES, 
 
 def evaluate_detector(apply_fn, source, *, batch_size: int = 32, limit: int | None = None,
                       progress: bool = True, conf: float = CONF_THRES, iou: float = IOU_THRES,
-                      max_det: int = MAX_DET, max_nms: int = MAX_NMS, log=None) -> dict:
+                      max_det: int = MAX_DET, max_nms: int = MAX_NMS, log=None, mesh=None) -> dict:
     """COCO bbox mAP of ``apply_fn`` on the first ``limit`` images of a
     :class:`cfws_jax.data.coco.CocoSource` (COCOeval restricted to those image ids).
 
     Returns ``{"mAP", "mAP50", "stats": {12 COCO numbers}, "images", "detections",
     "results": [COCO result dicts]}``. pycocotools' printout goes to ``log`` (or is dropped).
+    ``mesh``: a :func:`cfws_jax.parallel.local_mesh` (or a device count): the forward runs data
+    parallel (``batch_size`` rounded up to a multiple of the device count, batches sharded, a
+    ``Partial``'s arrays replicated); NMS and scoring stay on the host, padding rows dropped.
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -73,6 +76,15 @@ def evaluate_detector(apply_fn, source, *, batch_size: int = 32, limit: int | No
     total = source.count(limit)
     if total == 0:
         raise ValueError(f"{source.spec}: no images to evaluate")
+    put = lambda a: a  # noqa: E731
+    if mesh is not None:
+        from cfws_jax import parallel
+
+        mesh = parallel.local_mesh(mesh)
+        if isinstance(apply_fn, jax.tree_util.Partial):
+            apply_fn = parallel.replicate(apply_fn, mesh)
+        put = lambda a: jax.device_put(a, parallel.batch_sharding(mesh))  # noqa: E731
+        batch_size = parallel.padded_size(batch_size, mesh)
     step = make_detect_step(apply_fn)
     starts = list(range(0, total, batch_size))
     bar = Progress(total=total, desc="eval", unit="img", disable=not progress)
@@ -80,7 +92,7 @@ def evaluate_detector(apply_fn, source, *, batch_size: int = 32, limit: int | No
     state = {"cat_map": None}
 
     def collect(out, infos, ids):
-        preds = np.asarray(jax.device_get(out))
+        preds = np.asarray(jax.device_get(out)) if mesh is None else parallel.to_host(out, mesh)
         if preds.ndim != 3 or preds.shape[0] != batch_size or preds.shape[-1] < 6:
             raise ValueError(f"apply_fn must return decoded predictions [B={batch_size}, N, 5 + classes], "
                              f"got shape {preds.shape}")
@@ -99,7 +111,7 @@ def evaluate_detector(apply_fn, source, *, batch_size: int = 32, limit: int | No
                 canvases, infos, ids = nxt.result()
                 if k + 1 < len(starts):
                     nxt = pool.submit(load, starts[k + 1])
-                out = step(_pad(canvases, batch_size))  # dispatched asynchronously
+                out = step(put(_pad(canvases, batch_size)))  # dispatched asynchronously
                 if pending is not None:
                     collect(*pending)  # the previous batch, while this one runs
                 pending = (out, infos, ids)

@@ -46,39 +46,61 @@ def _check_finite(value, name: str):
         raise ValueError(f"{name}: calibration activations contain NaN or Inf")
 
 
-def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig, progress=True) -> np.ndarray:
-    """amax ``(P,)`` of every point from the float network (``weights`` = float weights)."""
+def _shard(weights, batches, mesh):
+    """Replicated weights, batches sharded over ``mesh`` (padded) and their row masks (None
+    without a mesh: the single-device path, unchanged)."""
+    if mesh is None:
+        return weights, list(batches), [None] * len(batches)
+    from cfws_jax import parallel
+
+    mesh = parallel.local_mesh(mesh)
+    pairs = [parallel.shard_batch(x, mesh) for x in batches]
+    return parallel.replicate(weights, mesh), [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig, progress=True,
+                       mesh=None) -> np.ndarray:
+    """amax ``(P,)`` of every point from the float network (``weights`` = float weights).
+
+    ``mesh``: a :func:`cfws_jax.parallel.local_mesh` (or device count) to shard every batch over
+    (padding rows masked out; maxes and exact integer histogram counts reduced by XLA)."""
     P = len(plan.points)
+    rows = [int(b.shape[0]) for b in batches]
+    n_img = sum(rows)
+    weights, batches, masks = _shard(weights, batches, mesh)
     fwd = jitted_forward(model, plan, collect="all", num_bins=config.num_bins)
     qmax = plan.qmax()
     off = jnp.zeros((P,), bool)
     dummy = jnp.ones((P,), jnp.float32)
     init_states = [calib.init(config.num_bins, "abs", "fixed", 0.0) for _ in range(P)]
     maxes = np.zeros((P,), np.float64)
-    n_img = sum(int(b.shape[0]) for b in batches)
     bar = Progress(total=2 * n_img, desc="calibrate (parallel, 2 passes)", unit="img", disable=not progress)
-    for x in batches:  # pass 1: ranges
-        m = np.asarray(fwd(weights, dummy, qmax, off, x, states=init_states)["maxes"])
+    for x, k, r in zip(batches, masks, rows):  # pass 1: ranges
+        m = np.asarray(fwd(weights, dummy, qmax, off, x, states=init_states, mask=k)["maxes"])
         maxes = np.maximum(maxes, m)
-        bar.update(int(x.shape[0]))
+        bar.update(r)
     for p, m in zip(plan.points, maxes):
         _check_finite(m, p.name)
     states = [calib.init(config.num_bins, "abs", "fixed", float(m)) for m in maxes]
-    for x in batches:  # pass 2: histograms
-        states = fwd(weights, dummy, qmax, off, x, states=states)["states"]
-        bar.update(int(x.shape[0]))
+    for x, k, r in zip(batches, masks, rows):  # pass 2: histograms
+        states = fwd(weights, dummy, qmax, off, x, states=states, mask=k)["states"]
+        bar.update(r)
     bar.close()
     return np.asarray([_amax_from(p, s, m, config) for p, s, m in zip(plan.points, states, maxes)],
                       np.float32)
 
 
 def calibrate_sequential_reference(model, plan: Plan, weights, batches, config: QuantConfig,
-                                   progress=True) -> np.ndarray:
+                                   progress=True, mesh=None) -> np.ndarray:
     """amax ``(P,)``, each point calibrated on quantized weights and quantized upstream tensors.
 
     The slow reference: the whole network runs once (one batch) or twice (range + histogram)
-    per point. :func:`calibrate_sequential` gives the bit-identical result in one pass."""
+    per point. :func:`calibrate_sequential` gives the bit-identical result in one pass.
+    ``mesh``: as in :func:`calibrate_parallel`."""
     P = len(plan.points)
+    rows = [int(b.shape[0]) for b in batches]
+    n_img = sum(rows)
+    weights, batches, masks = _shard(weights, batches, mesh)
     fwd = jitted_forward(model, plan, collect="stage", num_bins=config.num_bins)
     qmax = plan.qmax()
     amax = np.zeros((P,), np.float32)
@@ -86,7 +108,6 @@ def calibrate_sequential_reference(model, plan: Plan, weights, batches, config: 
     empty = calib.init(config.num_bins, "abs", "fixed", 0.0)
     # the bar counts images pushed through the network: one pass per quantizer with one batch,
     # else a range pass plus (except for "max") a histogram pass
-    n_img = sum(int(b.shape[0]) for b in batches)
     passes = [1 if len(batches) == 1 or p.method == "max" else 2 for p in plan.points]
     bar = Progress(total=n_img * sum(passes), desc=f"calibrate (sequential, {P} quantizers)", unit="img",
                    disable=not progress)
@@ -94,19 +115,19 @@ def calibrate_sequential_reference(model, plan: Plan, weights, batches, config: 
         enabled = jnp.asarray(idx < i)
         a = jnp.asarray(amax)
         if len(batches) == 1:  # one batch: range and histogram from a single forward
-            out = fwd(weights, a, qmax, enabled, batches[0], stage=i, stage_state=None)
+            out = fwd(weights, a, qmax, enabled, batches[0], stage=i, stage_state=None, mask=masks[0])
             m, state = float(out["stage_max"]), out["stage_state"]
             bar.update(n_img)
         else:
             m = 0.0
-            for x in batches:  # pass 1: range
-                m = max(m, float(fwd(weights, a, qmax, enabled, x, stage=i, stage_state=empty)["stage_max"]))
-                bar.update(int(x.shape[0]))
+            for x, k, r in zip(batches, masks, rows):  # pass 1: range
+                m = max(m, float(fwd(weights, a, qmax, enabled, x, stage=i, stage_state=empty, mask=k)["stage_max"]))
+                bar.update(r)
             state = calib.init(config.num_bins, "abs", "fixed", m)
             if p.method != "max":
-                for x in batches:  # pass 2: histogram
-                    state = fwd(weights, a, qmax, enabled, x, stage=i, stage_state=state)["stage_state"]
-                    bar.update(int(x.shape[0]))
+                for x, k, r in zip(batches, masks, rows):  # pass 2: histogram
+                    state = fwd(weights, a, qmax, enabled, x, stage=i, stage_state=state, mask=k)["stage_state"]
+                    bar.update(r)
         _check_finite(m, p.name)
         amax[i] = m if p.method == "max" else _amax_from(p, state, m, config)
         bar.set_postfix(f"{i + 1}/{P} {p.name} amax={amax[i]:.4g}")
@@ -141,15 +162,15 @@ def _act_fn(y, *, act):
 
 
 @functools.partial(jax.jit, static_argnames=("relu",))
-def _max_fn(t, *, relu):
+def _max_fn(t, mask, *, relu):
     TRACE_COUNTS["max"] += 1
-    return calib.max_abs(_stat(t, relu))
+    return calib.max_abs(_stat(t, relu), mask=mask)
 
 
 @functools.partial(jax.jit, static_argnames=("relu",))
-def _hist_fn(state, t, *, relu):
+def _hist_fn(state, t, mask, *, relu):
     TRACE_COUNTS["hist"] += 1
-    return calib.update(state, _stat(t, relu))
+    return calib.update(state, _stat(t, relu), mask)
 
 
 @functools.partial(jax.jit, static_argnames=("rounding",))
@@ -166,7 +187,8 @@ class _Done(Exception):
     """Raised inside a batch's forward once its last point is quantized (the rest is not needed)."""
 
 
-def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfig, progress=True) -> np.ndarray:
+def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfig, progress=True,
+                         mesh=None) -> np.ndarray:
     """amax ``(P,)`` as :func:`calibrate_sequential_reference` computes it, bit for bit, in one
     pass through the network.
 
@@ -177,8 +199,13 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
     and the amax on the host exactly as the reference does; then every batch quantizes its own
     tensor with that amax and goes on. Per-batch layer results are those of a per-batch forward,
     so the statistics match the reference's.
+
+    ``mesh``: as in :func:`calibrate_parallel`; every batch is sharded over it, the layers run
+    SPMD on the shards and each point's max / histogram is reduced over the devices by XLA
+    (padding rows masked out, counts exact).
     """
     P = len(plan.points)
+    weights, batches, masks = _shard(weights, batches, mesh)
     amax = np.zeros((P,), np.float32)
     if P == 0:
         return amax
@@ -196,15 +223,15 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
         p = plan.points[i]
         relu = p.mode == "relu"
         m = 0.0
-        for t in slots:
-            m = max(m, float(_max_fn(t, relu=relu)))
+        for t, k in zip(slots, masks):
+            m = max(m, float(_max_fn(t, k, relu=relu)))
         _check_finite(m, p.name)
         if p.method == "max":
             amax[i] = m
         else:
             state = calib.init(config.num_bins, "abs", "fixed", m)
-            for t in slots:
-                state = _hist_fn(state, t, relu=relu)
+            for t, k in zip(slots, masks):
+                state = _hist_fn(state, t, k, relu=relu)
             amax[i] = _amax_from(p, state, m, config)
         bar.update(1)
         bar.set_postfix(f"{i + 1}/{P} {p.name} amax={amax[i]:.4g}")

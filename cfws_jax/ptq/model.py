@@ -103,7 +103,7 @@ def _stack_batches(calibration_batches) -> list[jnp.ndarray]:
 
 
 def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, config: QuantConfig = QuantConfig(),
-             *, num_classes: int | None = None, progress: bool = True) -> QuantizedModel:
+             *, num_classes: int | None = None, progress: bool = True, mesh=None) -> QuantizedModel:
     """Calibrate and quantize a model.
 
     Args:
@@ -112,6 +112,8 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
       variables: ``{"params": ...}`` (deploy) or ``{"params", "batch_stats"}`` (train form).
       calibration_batches: NHWC float32 image batches, preprocessed as for evaluation.
       config: a :class:`QuantConfig` (see ``cfws_jax.ptq.PRESETS``).
+      mesh: a :func:`cfws_jax.parallel.local_mesh` (or a device count): calibration batches are
+        sharded over its devices (data parallel; the result does not depend on the device count).
     """
     batches = _stack_batches(calibration_batches)
     arch, model, params = resolve_model(arch_or_model, variables, num_classes)
@@ -127,9 +129,9 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
     quant_w = {n: {k: jnp.asarray(v) for k, v in dequantize_layer(q).items()} for n, q in q_layers.items()}
 
     if config.calib_order == "parallel":
-        amax = calibrate_parallel(model, plan, float_w, batches, config, progress)
+        amax = calibrate_parallel(model, plan, float_w, batches, config, progress, mesh=mesh)
     else:
-        amax = calibrate_sequential(model, plan, quant_w, batches, config, progress)
+        amax = calibrate_sequential(model, plan, quant_w, batches, config, progress, mesh=mesh)
 
     n_cls = params_num_classes(params)
     meta = {"format": FORMAT, "num_classes": int(layers[-1].out_shape[-1]) if n_cls is None else n_cls,

@@ -135,6 +135,7 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
                  num_bins: int = 2048):
     """Pure ``forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None) -> dict``.
 
+    ``mask``: optional bool ``[B]``, the rows that count in the statistics (False: padding).
     Returns ``{"logits"}`` plus ``"stage_max"``, ``"stage_state"`` (collect="stage"),
     ``"maxes"`` ``(P,)``, ``"states"`` (collect="all"), ``"outputs"`` (return_outputs).
     """
@@ -142,7 +143,7 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
         raise ValueError(f"collect must be None, 'stage' or 'all', got {collect!r}")
     by_name = {lp.info.name: lp for lp in plan.layers}
 
-    def forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None):
+    def forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None, mask=None):
         out: dict = {"outputs": {}}
         if collect == "stage":
             out["stage_max"] = jnp.zeros((), jnp.float32)
@@ -156,17 +157,19 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
                 v = (jnp.maximum(t, 0) if p.mode == "relu" else jnp.abs(t)).astype(jnp.float32)
             if collect == "stage":
                 hit = stage == i
-                out["stage_max"] = jax.lax.cond(hit, lambda m: calib.max_abs(v), lambda m: m, out["stage_max"])
+                out["stage_max"] = jax.lax.cond(hit, lambda m: calib.max_abs(v, mask=mask), lambda m: m,
+                                                out["stage_max"])
                 if stage_state is None:  # single batch: bin over this tensor's own range
                     out["stage_state"] = jax.lax.cond(
-                        hit, lambda s: calib.update(calib.init(num_bins, "abs", "fixed", calib.max_abs(v)), v),
+                        hit, lambda s: calib.update(calib.init(num_bins, "abs", "fixed", calib.max_abs(v, mask=mask)),
+                                                    v, mask),
                         lambda s: s, out["stage_state"])
                 else:
-                    out["stage_state"] = jax.lax.cond(hit, lambda s: calib.update(s, v), lambda s: s,
+                    out["stage_state"] = jax.lax.cond(hit, lambda s: calib.update(s, v, mask), lambda s: s,
                                                       out["stage_state"])
             if collect == "all":
-                out["maxes"][i] = calib.max_abs(v)
-                out["states"][i] = calib.update(out["states"][i], v)
+                out["maxes"][i] = calib.max_abs(v, mask=mask)
+                out["states"][i] = calib.update(out["states"][i], v, mask)
             q = fake_quant_symmetric(t, amax[i], qmax[i], p.rounding)
             return jnp.where(enabled[i], q, t)
 

@@ -1,0 +1,66 @@
+"""``cfws-jax export``: write a quantized (QDQ) or float classifier as an ONNX file.
+
+    cfws-jax export --quantized QDIR --out model.onnx [--opset 17] [--float] [--overwrite]
+    cfws-jax export --params DIR --arch ARCH --out model.onnx [--image-size N] [--opset 17] [--overwrite]
+
+``--quantized``: QuantizeLinear / DequantizeLinear at every activation point and on every weight
+(int8 weight initializers, per-channel scales on axis 0), CFWS layers as centre 1x1 + fine k x k
+convs added; ``--float`` writes the dequantized float weights without Q/DQ instead. ``--params``
+(a folder cfws-jax convert wrote, or ``shipped:NAME``) always writes a float model. Input
+``input`` float32 NCHW ``[batch, 3, H, W]``, normalized as for the Flax model (not in the graph);
+output ``logits``. See :mod:`cfws_jax.export.onnx_qdq`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write a quantized (ONNX QDQ) or float classifier as an .onnx file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--quantized", metavar="QDIR", help="quantized model written by cfws-jax ptq")
+    src.add_argument("--params", metavar="DIR", help="float variables written by cfws-jax convert, or shipped:NAME "
+                     "(writes a float model)")
+    p.add_argument("--arch", default=None, help="architecture (default: the one the folder records)")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="output .onnx file")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, at least 13)")
+    p.add_argument("--float", dest="float_export", action="store_true",
+                   help="with --quantized: export the dequantized weights as a float model without Q/DQ")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="with --params: input size (default 32 for *_cifar architectures, else 224)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from cfws_jax.io import check_output_file, write_file_atomic
+
+    out = check_output_file(args.out, overwrite=args.overwrite, flag="--out", suffixes=(".onnx",))
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
+    from cfws_jax.export import float_onnx, export_onnx
+
+    if args.quantized:
+        from cfws_jax.ptq import load_quantized
+
+        if args.image_size is not None:
+            raise ValueError("--image-size applies to --params only (a quantized model records its input size)")
+        qm = load_quantized(args.quantized, arch=args.arch)
+        model = export_onnx(qm, float_export=args.float_export, opset=args.opset)
+        what = f"{qm.arch} ({'float, dequantized weights' if args.float_export else 'INT8 QDQ'})"
+    else:
+        from cfws_jax.assets import load_params
+
+        variables, meta = load_params(args.params)
+        recorded = meta.get("arch") if isinstance(meta, dict) else None
+        arch = args.arch or recorded
+        if not arch:
+            raise ValueError(f"{args.params} records no architecture; give --arch")
+        if recorded and args.arch and args.arch != recorded:
+            raise ValueError(f"--arch {args.arch!r} disagrees with {args.params}, which records arch {recorded!r}")
+        model = float_onnx(arch, variables, image_size=args.image_size, opset=args.opset)
+        what = f"{arch} (float)"
+    write_file_atomic(out, model.SerializeToString(), overwrite=args.overwrite, flag="--out", suffixes=(".onnx",))
+    print(f"wrote {what} to {out} (opset {args.opset}, {len(model.graph.node)} nodes)", file=sys.stderr)
+    return 0
