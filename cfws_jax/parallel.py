@@ -134,6 +134,11 @@ def add_devices_arg(parser) -> None:
     """The commands' ``--devices N`` flag (default: every local device)."""
     parser.add_argument("--devices", type=int, default=None, metavar="N",
                         help="run data parallel on the first N local devices (default: all of them)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                        help="multi-host: address of process 0; runs jax.distributed.initialize (with "
+                        "--num-processes and --process-id) and uses every host's devices")
+    parser.add_argument("--num-processes", type=int, default=None, metavar="N", help="multi-host: hosts")
+    parser.add_argument("--process-id", type=int, default=None, metavar="I", help="multi-host: this host, 0..N-1")
 
 
 def mesh_from_args(args, file=None) -> Mesh:
@@ -141,6 +146,10 @@ def mesh_from_args(args, file=None) -> Mesh:
     n = getattr(args, "devices", None)
     if n is not None and n < 1:
         raise ValueError(f"--devices must be >= 1, got {n}")
+    if getattr(args, "coordinator", None):
+        if n is not None:
+            raise ValueError("--devices cannot be combined with --coordinator (a multi-host run uses every device)")
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = local_mesh(n)
     log_devices(mesh, file)
     return mesh

@@ -55,9 +55,10 @@ def calibration(order: str, mesh4=None) -> dict:
     y = np.where(np.arange(9) < 6, logits.argmax(-1), rng.integers(0, 10, 9)).astype(np.int32)
     config = get_preset("cfws_kl", calib_order=order)
     out = {}
-    runs = (("one", None, [x[0:2], x[2:4], x[4:6]], 2), ("four", parallel.local_mesh(4), [x[:6]], 8))
     if mesh4 is not None:
         runs = (("four", mesh4, [x[:6]], 8),)
+    else:
+        runs = (("one", None, [x[0:2], x[2:4], x[4:6]], 2), ("four", parallel.local_mesh(4), [x[:6]], 8))
     for name, mesh, batches, eval_batch in runs:
         qm = quantize(model, params, batches, config, progress=False, mesh=mesh)
         r = {"amax": np.asarray(qm.act_amax, np.float32).view(np.uint32).tolist(),

@@ -204,7 +204,7 @@ def test_eval_command_float_params_path(tmp_path, capsys, monkeypatch):
             return gather_model(x)
 
     monkeypatch.setattr(cfws_jax.io, "load_variables", lambda d: ({"params": {"w": np.zeros(1)}}, dict(meta)))
-    monkeypatch.setattr(cfws_jax.models, "create_model", lambda arch, deploy=False: FakeModel(deploy))
+    monkeypatch.setattr(cfws_jax.models, "create_model", lambda arch, deploy=False, num_classes=None: FakeModel(deploy))
     argv = ["eval", "--arch", "tiny", "--params", str(tmp_path), "--data", str(data), "--json", "--no-progress"]
     rc, out, _ = run_cli(argv, capsys)
     top1, top5, n = ref_from_npz(data, None)

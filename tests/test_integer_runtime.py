@@ -24,7 +24,6 @@ from cfws_jax.ptq.integer_runtime import (
     device_layers, fixed_multiplier, fixed_point_round, integer_apply_fn, integer_layers, make_integer_forward,
     point_scales,
 )
-from cfws_jax.ptq.model import model_for
 from cfws_jax.ptq.runtime import make_forward
 from conftest import numpy_init, shared_file
 from test_fusion import conv_ref
@@ -178,11 +177,10 @@ def test_fixed_point_rounding_is_exact():
 
 @pytest.mark.parametrize("requant", ["float", "fixed"])
 def test_a_cfws_layer_matches_a_numpy_integer_reference(requant):
-    """``stage1_0/rbr_reparam`` (CFWS, stride 2, ReLU-fused): exact int32 accumulators from a
+    """The first stride-2 CFWS layer after the stem (ReLU-fused): exact int32 accumulators from a
     float64 NumPy conv of the integer codes, int32 bias, requantization in NumPy."""
     qm, model, x = _quantized("repvgg_cifar_small", 16)
-    lp = qm.plan.layer("stage1_0/rbr_reparam")
-    assert lp.scheme == "cfws" and lp.info.strides == 2 and lp.in_point is None
+    lp = next(lp for lp in qm.plan.layers if lp.scheme == "cfws" and lp.info.strides == 2 and lp.in_point is None)
     src = qm.plan.layer(lp.info.input_from).out_point
     got = jax.jit(make_integer_forward(model, qm.plan, requant, collect_codes=True))(*_args(qm), x)["codes"]
     xq = np.asarray(got[src]).astype(np.float64)
@@ -271,7 +269,7 @@ def test_shipped_cifar_top1_agrees_with_the_simulation():
     assert abs(correct_sim - correct_int) / CIFAR_IMAGES <= 0.005
 
 
-AGREEMENT = 0.99
+AGREEMENT = 0.995
 
 
 # ----------------------------------------------------------------------------- CLI

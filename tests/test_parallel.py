@@ -33,7 +33,7 @@ def run_check(*what: str, timeout: int = 600) -> dict:
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"] or len(out["devices"]) == 4, out["devices"]
+    assert len(out["devices"]) == 4, out["devices"]
     return out
 
 
@@ -60,7 +60,7 @@ def test_calibration_and_eval_independent_of_device_count(multi, order):
 
 def test_histogram_engine_on_sharded_padded_batch(multi):
     single, sharded = multi["engine"]["single"], multi["engine"]["sharded"]
-    assert sharded["padded"] == 8 and sharded["sharding"] == "PartitionSpec('batch',)" or "batch" in sharded["sharding"]
+    assert sharded["padded"] == 8 and "batch" in sharded["sharding"]
     for k in ("max", "counts", "n_seen", "vmin", "vmax"):
         assert single[k] == sharded[k], k
     assert single["n_seen"] == 2 * 5 * 3 * 3 * 7  # two updates of the 5 real rows; padding not counted
@@ -76,7 +76,9 @@ def test_detector_eval_independent_of_device_count():
     assert out["four"]["images"] == 10 and out["four"]["mAP"] > 0.95
 
 
-def test_multihost_two_processes_match_single_process(multi):
+@pytest.mark.skipif(os.environ.get("CFWS_TEST_MULTIHOST") != "1",
+                    reason="set CFWS_TEST_MULTIHOST=1 (two JAX processes with gloo; ~1.5 min on 2 idle cores)")
+def test_multihost_two_processes_match_single_process(multi, tmp_path):
     """jax.distributed.initialize with 2 local processes x 2 CPU devices (gloo): the same amax,
     integer weights and top-1 as the single-process runs."""
     import socket
@@ -86,18 +88,23 @@ def test_multihost_two_processes_match_single_process(multi):
         port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     script = os.path.join(HERE, "_parallel_check.py")
+    logs = [(open(tmp_path / f"out{i}", "w"), open(tmp_path / f"err{i}", "w")) for i in range(2)]  # no pipe stalls
     procs = [subprocess.Popen([sys.executable, script, "multihost", str(i), str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                              stdout=o, stderr=e, text=True) for i, (o, e) in enumerate(logs)]
     outs = []
-    for p in procs:
+    for i, p in enumerate(procs):
         try:
-            out, err = p.communicate(timeout=600)
+            p.wait(timeout=600)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
-        assert p.returncode == 0, err[-4000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+        err = (tmp_path / f"err{i}").read_text()
+        assert p.returncode == 0, "\n".join(ln for ln in err.splitlines() if "[Gloo]" not in ln)[-4000:]
+        outs.append(json.loads((tmp_path / f"out{i}").read_text().strip().splitlines()[-1]))
+    for o, e in logs:
+        o.close()
+        e.close()
     assert outs[0]["multihost"] == outs[1]["multihost"]  # every host reads the same results
     assert len(outs[0]["devices"]) == 4
     for order in ("sequential", "parallel"):

@@ -41,19 +41,19 @@ DROPPED_PROJ = ("detect.proj", "detect.proj_conv.weight")
 
 
 @functools.lru_cache(maxsize=None)
-def image() -> np.ndarray:
-    """A fixed NHWC image in [0, 1]: smooth gradients plus noise."""
-    yy, xx = np.mgrid[0:HW, 0:HW] / HW
+def image(hw: int = HW) -> np.ndarray:
+    """A fixed NHWC ``[1, hw, hw, 3]`` image in [0, 1]: smooth gradients plus noise."""
+    yy, xx = np.mgrid[0:hw, 0:hw] / hw
     rgb = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * xx * yy)], -1)
-    noise = np.random.RandomState(0).rand(HW, HW, 3)
+    noise = np.random.RandomState(0).rand(hw, hw, 3)
     return (0.7 * rgb + 0.3 * noise)[None].astype(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
-def case(name: str, distill: bool = False, num_classes: int = 80):
-    """(torch model, its eval-mode prediction on :func:`image`)."""
+def case(name: str, distill: bool = False, num_classes: int = 80, hw: int = HW):
+    """(torch model, its eval-mode prediction on :func:`image` ``(hw)``)."""
     model = yt.build(name, distill=distill, num_classes=num_classes)
-    return model, yt.predict(model, image())
+    return model, yt.predict(model, image(hw))
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,10 +61,10 @@ def _apply_fn(arch: str, deploy: bool):
     return jax.jit(create_model(arch, deploy=deploy).apply)
 
 
-def flax_predict(res_or_arch, variables=None, deploy=None) -> np.ndarray:
+def flax_predict(res_or_arch, variables=None, deploy=None, hw: int = HW) -> np.ndarray:
     if variables is None:
         res_or_arch, variables, deploy = res_or_arch.arch, res_or_arch.variables, res_or_arch.form == "deploy"
-    return np.asarray(_apply_fn(res_or_arch, deploy)(variables, jnp.asarray(image())))
+    return np.asarray(_apply_fn(res_or_arch, deploy)(variables, jnp.asarray(image(hw))))
 
 
 def _nms():
@@ -212,16 +212,23 @@ def test_v2s_release_train(tmp_path):
     assert_parity(flax_predict(res), ref, "v2 s train")
 
 
-@pytest.mark.parametrize("name,form", [("yolov6t_v1", "train"), ("yolov6s_v1", "train"),
-                                       ("yolov6t_v2", "deploy"), ("yolov6s_v3", "deploy")])
-def test_key_level_other_variants(name, form):
-    """Variants without a forward here: real torch keys convert to the right name (the converter
-    also checks the result against the Flax model's variable shapes)."""
-    model = yt.build(name)
-    sd = torch_state_dict(yt.deploy(model) if form == "deploy" else model)
+@pytest.mark.parametrize("name,upstream_deploy", [("yolov6t_v1", False), ("yolov6s_v1", False),
+                                                  ("yolov6t_v2", True), ("yolov6s_v3", True)])
+def test_other_variants_release_train_fused_and_deploy(tmp_path, name, upstream_deploy):
+    """The remaining variants, at 64x64: release file -> train form and its cfws_jax fusion; for
+    two of them also upstream's deploy state dict (the arch told by the keys and by the alias)."""
+    model, ref = case(name, hw=64)
+    yt.save_release(model, tmp_path / "release.pt")
+    sd = read(tmp_path / "release.pt").state_dict
     res = convert_state_dict(sd)
-    assert (res.arch, res.form) == (name, form)
+    assert (res.arch, res.form) == (name, "train")
     assert convert_state_dict(sd, name.split("_")[0]).arch == name
+    assert_parity(flax_predict(res, hw=64), ref, f"{name} train")
+    assert_parity(flax_predict(name, fuse(name, res.variables), True, hw=64), ref, f"{name} fused by cfws_jax")
+    if upstream_deploy:
+        dep = convert_state_dict(torch_state_dict(yt.deploy(model)), name.split("_")[0])
+        assert (dep.arch, dep.form) == (name, "deploy")
+        assert_parity(flax_predict(dep, hw=64), ref, f"{name} upstream deploy")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -315,3 +322,20 @@ def test_cli_converts_release_without_yolov6_package(tmp_path):
                            str(tmp_path / "x"), "--arch", "yolov6s"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     assert "--arch yolov6s disagrees" in proc.stderr and "fit yolov6n_v2" in proc.stderr
+
+
+def test_cli_convert_deploy_fuses_release(tmp_path, capsys):
+    """``cfws-jax convert --deploy`` on a release file writes fused deploy variables that match PyTorch."""
+    from cfws_jax.cli import main
+    from cfws_jax.io import load_variables
+
+    model, ref = case("yolov6n_v2")
+    ckpt = tmp_path / "yolov6n.pt"
+    yt.save_release(model, ckpt)
+    out = tmp_path / "yolov6n_deploy"
+    assert main(["convert", "--checkpoint", str(ckpt), "--out", str(out), "--arch", "yolov6n", "--deploy"]) == 0
+    assert "form        deploy (fused from train form)" in capsys.readouterr().out
+    variables, meta = load_variables(out)
+    assert (meta["arch"], meta["form"], meta["fused_by_cfws_jax"]) == ("yolov6n_v2", "deploy", True)
+    assert set(variables) == {"params"} and "rbr_reparam" in variables["params"]["backbone"]["stem"]
+    assert_parity(flax_predict("yolov6n_v2", variables, True), ref, "v2 n cli --deploy")

@@ -145,9 +145,12 @@ def run(args) -> int:
         config = config.replace(float_layers=tuple(config.float_layers) + keep)
         qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh)
     report = layer_report(qm, variables, batches[0][:8])
-    save_quantized(qm, args.out, overwrite=args.overwrite, flag="--out")
+    import jax
+
+    if jax.process_index() == 0:  # multi-host: every process holds the same model; one writes it
+        save_quantized(qm, args.out, overwrite=args.overwrite, flag="--out")
     print(format_report(report))
-    if args.report:
+    if args.report and jax.process_index() == 0:
         write_report(report, args.report, overwrite=args.overwrite, flag="--report")
         print(f"report written to {args.report}", file=sys.stderr)
     n_cfws = sum(lp.scheme == "cfws" for lp in qm.plan.layers)

@@ -44,6 +44,12 @@ QConv / QDense, so every registry model runs), but every quantized layer compute
 * ``float``-scheme layers (``float_layers``, unquantized first / last layer) run the float conv
   on the dequantized input, as in simulation.
 
+Measured (tests/test_integer_runtime.py; shipped CIFAR RepVGG-A0, ``cfws_kl``, 64 calibration
+images, the first 1,000 CIFAR-10 test images): top-1 agreement with the fake-quant simulation
+1.000 with ``requant="float"`` (accuracy 90.4 % both) and 0.998 with ``requant="fixed"`` (90.3 %).
+Each layer fed the simulation's input codes reproduces its output codes except for one-code
+differences on 1.5e-6 (float) / 1.3e-4 (fixed) of them (100 images, all points).
+
 Needs weights and activations of at most 8 bits (int32 accumulators cannot hold 16-bit
 products); other configs raise ValueError.
 """
