@@ -147,7 +147,7 @@ def test_bad_input_is_one_line(world, case, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     cmd = argv[0]
-    lines = [line for line in err.strip().splitlines() if not line.startswith(("calibration data:", "data:"))]
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("calibration data:", "data:", "devices:"))]
     assert len(lines) == 1, err  # the progress lines (--no-progress) and info lines aside: one error line
     assert lines[0].startswith(f"cfws-jax {cmd}: error: ") and "Traceback" not in err
     assert needle in lines[0], lines[0]

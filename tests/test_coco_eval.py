@@ -25,6 +25,11 @@ COCO_IMAGES = "coco128/train2017"
 COCO_JSON = "coco128/annotations/instances_train2017.json"
 
 
+def _error_lines(err: str) -> list[str]:
+    """stderr without the informational ``devices:`` / ``data:`` lines: what is left is the error."""
+    return [line for line in err.strip().splitlines() if not line.startswith(("devices:", "data:"))]
+
+
 @pytest.fixture(scope="module")
 def gt():
     return coco_from_dict(read_instances(shared_file(COCO_JSON)))
@@ -238,7 +243,7 @@ def test_cli_detect_fake_model(coco_src, monkeypatch, capsys, tmp_path):
     rc, out, err = run_cli(base, capsys)
     assert rc == 0 and "AP @[IoU=0.50:0.95 | area=all | maxDets=100]" in out and "mAP@.5:.95" in out
     rc, out, err = run_cli(base + ["--results-json", str(out_json)], capsys)  # exists, no --overwrite
-    assert rc == 1 and "already exists" in err and len(err.strip().splitlines()) == 1
+    assert rc == 1 and "already exists" in err and len(_error_lines(err)) == 1
 
 
 def test_cli_detect_errors(tmp_path, capsys):
@@ -247,7 +252,7 @@ def test_cli_detect_errors(tmp_path, capsys):
     assert rc == 1 and "--annotations" in err
     (tmp_path / "bad.json").write_text("{")
     rc, _, err = run_cli(base + ["--annotations", str(tmp_path / "bad.json")], capsys)
-    assert rc == 1 and "not valid JSON" in err and len(err.strip().splitlines()) == 1
+    assert rc == 1 and "not valid JSON" in err and len(_error_lines(err)) == 1
     rc, _, err = run_cli(base + ["--annotations", str(tmp_path / "bad.json"), "--iou", "2"], capsys)
     assert rc == 1 and "--iou" in err
 

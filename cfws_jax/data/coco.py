@@ -17,7 +17,7 @@ import numpy as np
 
 from cfws_jax.data.errors import DataError
 from cfws_jax.data.preprocess import UNIT, load_image
-from cfws_jax.data.source import ImageSource, _check_batch_size, check_split
+from cfws_jax.data.source import ImageSource, _check_batch_size, check_split, limited_count
 from cfws_jax.detection.letterbox import DEFAULT_SIZE, LetterboxInfo, letterbox
 
 
@@ -134,11 +134,8 @@ class CocoSource:
         self.coco = coco_from_dict(data)
 
     def count(self, limit: int | None = None) -> int:
-        if limit is None:
-            return self.num_images
-        if int(limit) < 0:
-            raise ValueError(f"{self.spec}: limit must be >= 0, got {limit}")
-        return min(int(limit), self.num_images)
+        """Images evaluated with ``limit``: ``min(limit, num_images)``."""
+        return limited_count(self.num_images, limit, self.spec)
 
     def _decode(self, i: int) -> tuple[np.ndarray, LetterboxInfo]:
         img = load_image(self.paths[i])

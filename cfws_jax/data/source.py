@@ -50,11 +50,7 @@ class ImageSource:
 
     def count(self, limit: int | None = None) -> int:
         """Number of images ``iter_batches(.., limit)`` yields: ``min(limit, num_images)``."""
-        if limit is None:
-            return self.num_images
-        if int(limit) < 0:
-            raise ValueError(f"{self.spec}: limit must be >= 0, got {limit}")
-        return min(int(limit), self.num_images)
+        return limited_count(self.num_images, limit, self.spec)
 
     def iter_batches(self, batch_size: int, limit: int | None = None
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -111,3 +107,12 @@ def calibration_batches(src: ImageSource, num_images: int = 32, batch_size: int 
         bar.update(len(out[-1]))
     bar.close()
     return out
+
+
+def limited_count(num_images: int, limit: int | None, spec: str) -> int:
+    """``min(limit, num_images)`` (all when ``limit`` is None); ValueError naming ``spec`` if negative."""
+    if limit is None:
+        return num_images
+    if int(limit) < 0:
+        raise ValueError(f"{spec}: limit must be >= 0, got {limit}")
+    return min(int(limit), num_images)

@@ -205,6 +205,7 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
     (padding rows masked out, counts exact).
     """
     P = len(plan.points)
+    n_img = sum(int(b.shape[0]) for b in batches)
     weights, batches, masks = _shard(weights, batches, mesh)
     amax = np.zeros((P,), np.float32)
     if P == 0:
@@ -215,7 +216,10 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
     nb = len(batches)
     slots: list = [None] * nb
     current = [None]  # the point being calibrated
-    bar = Progress(total=P, desc=f"calibrate (sequential, one pass, {P} quantizers)", unit="point",
+    # the whole calibration is one pass of the images through the network: count it in images
+    # (point i settled = (i + 1) / P of the pass), so the rate is images/s and the ETA real
+    shown = [0]
+    bar = Progress(total=n_img, desc=f"calibrate (sequential, one pass, {P} quantizers)", unit="img",
                    disable=not progress)
 
     def settle():  # run by exactly one thread, once all batches hold the tensor of point current[0]
@@ -233,8 +237,10 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
             for t, k in zip(slots, masks):
                 state = _hist_fn(state, t, k, relu=relu)
             amax[i] = _amax_from(p, state, m, config)
-        bar.update(1)
-        bar.set_postfix(f"{i + 1}/{P} {p.name} amax={amax[i]:.4g}")
+        done = (n_img * (i + 1)) // P  # whole images: the bar shows integers
+        bar.update(done - shown[0])
+        shown[0] = done
+        bar.set_postfix(f"point {i + 1}/{P} {p.name} amax={amax[i]:.4g}")
 
     barrier = threading.Barrier(nb, action=settle)
 
