@@ -102,9 +102,11 @@ class ShippedExperiment:
 
 def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_PRESETS, settings=DEMO_SETTINGS,
              num_calib: int = 32, seed: int = 0, batch_size: int = 250, progress: bool = True,
-             log=sys.stderr, mesh=None) -> tuple[float, list[DemoRow], dict]:
+             log=None, mesh=None) -> tuple[float, list[DemoRow], dict]:
     """Float top-1 and one :class:`DemoRow` per (setting, preset). ``limit=None``: full test split.
-    ``mesh``: :func:`cfws_jax.parallel.local_mesh` to calibrate and evaluate on (None: one device)."""
+    ``mesh``: :func:`cfws_jax.parallel.local_mesh` to calibrate and evaluate on (None: one device).
+    ``log``: where the progress lines go (default: the ``sys.stderr`` of the call, not of the import)."""
+    log = sys.stderr if log is None else log
     from cfws_jax.parallel import device_list, local_mesh
     from cfws_jax.ptq import get_preset
 
