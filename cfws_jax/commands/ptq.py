@@ -3,7 +3,8 @@
     cfws-jax ptq --arch ARCH --params DIR --calib-data SRC --preset NAME --out QDIR
                  [--report FILE.json|FILE.csv] [--num-calib 32] [--seed 0] [--order sequential]
                  [--w-bits 8] [--a-bits 8] [--act-method M] [--float-layers PAT ...]
-                 [--keep-float K]
+                 [--keep-float K] [--bias-correction] [--reconstruct] [--iters 2000]
+                 [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P]
 
 ``--keep-float K`` runs the single-layer sensitivity analysis and keeps the K most sensitive
 layers in float (partial quantization). The calibration images are a seeded random subset of
@@ -13,6 +14,13 @@ Detectors (family ``yolov6``; ``--arch yolov6s`` takes the version the params fo
 the calibration images are letterboxed (``--image-size``, default 640; long side the official
 per-model load size, :func:`cfws_jax.detection.load_size_for`), pixels ``/ 255``; ``--protocol``
 is ignored; the sensitivity analysis runs on the first 8 calibration images.
+
+Beyond the paper (issue #14): ``--preset cfws_kl_bc`` (bias correction), ``cfws_kl_recon`` /
+``kl_recon`` (learned rounding, layer by layer, on 256 calibration images by default), e.g.
+``cfws-jax ptq --preset cfws_kl_recon --num-calib 256 --iters 2000``; ``--bias-correction`` /
+``--reconstruct`` switch either on for any preset, and the ``--iters`` / ``--recon-*`` /
+``--qdrop`` options tune the reconstruction (they need it on). The report then shows each
+layer's output error before and after.
 """
 
 from __future__ import annotations
@@ -55,6 +63,17 @@ def register(sub) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="network input size (default 224 for image folders, native for .npz; detectors: the "
                         "letterbox canvas, default 640)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="after calibration, remove each layer's mean output shift per channel (cfws_kl_bc)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after calibration, learn each layer's weight rounding (AdaRound; cfws_kl_recon)")
+    p.add_argument("--iters", type=int, default=None, help="reconstruction: Adam steps per layer (default 2000)")
+    p.add_argument("--recon-batch-size", type=int, default=None,
+                   help="reconstruction: images per step (default 32)")
+    p.add_argument("--recon-loss", choices=("mse", "mae"), default=None,
+                   help="reconstruction: loss of the layer output (default mse)")
+    p.add_argument("--qdrop", type=float, default=None, metavar="P",
+                   help="reconstruction: QDrop probability in [0, 1) (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     from cfws_jax.parallel import add_devices_arg
 
@@ -66,7 +85,9 @@ def _overrides(args) -> dict:
     o = {}
     for arg, field in (("num_calib", "num_calib_images"), ("calib_batch_size", "calib_batch_size"),
                        ("seed", "seed"), ("order", "calib_order"), ("w_bits", "w_bits"), ("a_bits", "a_bits"),
-                       ("act_method", "act_method")):
+                       ("act_method", "act_method"), ("iters", "recon_iters"),
+                       ("recon_batch_size", "recon_batch_size"), ("recon_loss", "recon_loss"),
+                       ("qdrop", "recon_qdrop")):
         v = getattr(args, arg)
         if v is not None:
             o[field] = v
@@ -74,12 +95,19 @@ def _overrides(args) -> dict:
         o["other_act_method"] = None
     if args.float_layers:
         o["float_layers"] = tuple(args.float_layers)
+    if args.bias_correction:
+        o["bias_correction"] = True
+    if args.reconstruct:
+        o["reconstruct"] = True
     return o
 
 
 _RANGES = (("num_calib", "--num-calib", 1, None), ("calib_batch_size", "--calib-batch-size", 1, None),
            ("w_bits", "--w-bits", 2, 16), ("a_bits", "--a-bits", 2, 16), ("keep_float", "--keep-float", 0, None),
-           ("image_size", "--image-size", 1, None))
+           ("image_size", "--image-size", 1, None), ("iters", "--iters", 0, None),
+           ("recon_batch_size", "--recon-batch-size", 1, None))
+_RECON_FLAGS = (("iters", "--iters"), ("recon_batch_size", "--recon-batch-size"), ("recon_loss", "--recon-loss"),
+                ("qdrop", "--qdrop"))
 
 
 def check_args(args) -> None:
@@ -94,6 +122,9 @@ def check_args(args) -> None:
         if v is not None and (v < lo or (hi is not None and v > hi)):
             want = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
             raise ValueError(f"{flag} must be {want}, got {v}")
+    qdrop = getattr(args, "qdrop", None)
+    if qdrop is not None and not 0.0 <= qdrop < 1.0:
+        raise ValueError(f"--qdrop must be in [0, 1), got {qdrop}")
     out = check_output_dir(args.out, overwrite=args.overwrite, flag="--out")
     if not str(args.params).startswith("shipped:") and os.path.abspath(args.params) == out:
         raise OutputError(f"--out {out} is the --params folder; write the quantized model elsewhere")
@@ -116,6 +147,10 @@ def run(args) -> int:
 
     mesh = mesh_from_args(args)  # validates --devices before any work
     config = get_preset(args.preset, **_overrides(args))
+    given = [flag for attr, flag in _RECON_FLAGS if getattr(args, attr, None) is not None]
+    if given and not config.reconstruct:
+        raise ValueError(f"{', '.join(given)}: reconstruction options, but preset {args.preset} does not reconstruct; "
+                         "use --preset cfws_kl_recon / kl_recon or add --reconstruct")
     variables, meta = load_params(args.params)
     recorded = meta.get("arch") if isinstance(meta, dict) else None
     arch = canonical_arch(args.arch, recorded)  # a size alias (yolov6s) takes the recorded version
@@ -136,7 +171,11 @@ def run(args) -> int:
     batches = calibration_batches(src, config.num_calib_images, config.calib_batch_size, config.seed,
                                   progress=not args.no_progress)
     progress = not args.no_progress
-    qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh)
+    if args.keep_float:  # rank on the round-to-nearest model; reconstruct only the final one
+        qm = quantize(arch, variables, batches, config.replace(reconstruct=False, bias_correction=False),
+                      progress=progress, mesh=mesh)
+    else:
+        qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh)
     if args.keep_float:
         ranking = sensitivity(qm, variables, batches[0][:8] if detector else batches[0])
         keep = tuple(r["layer"] for r in ranking[: args.keep_float])
@@ -153,6 +192,13 @@ def run(args) -> int:
     if args.report and jax.process_index() == 0:
         write_report(report, args.report, overwrite=args.overwrite, flag="--report")
         print(f"report written to {args.report}", file=sys.stderr)
+    qmeta = qm.meta
+    if "reconstruction" in qmeta:
+        st = qmeta["reconstruction"].values()
+        print(f"reconstruction: {len(st)} layers in {qmeta['refine_seconds']:.1f} s, "
+              f"{sum(s['loss_after'] < s['loss_before'] for s in st)} with a lower output error", file=sys.stderr)
+    if "bias_correction" in qmeta:
+        print(f"bias correction: {len(qmeta['bias_correction'])} layers", file=sys.stderr)
     n_cfws = sum(lp.scheme == "cfws" for lp in qm.plan.layers)
     print(f"quantized {arch} with preset {args.preset}: {len(qm.plan.layers)} layers "
           f"({n_cfws} CFWS), {len(qm.plan.points)} activation quantizers -> {args.out}")

@@ -13,7 +13,16 @@ preset             weights of rep convs        activation method       ReLU fusi
 ``int16_weights``  plain 16-bit on rep convs   kl_cfws                 on
 ``cfws_no_center`` CFWS, whole-kernel split    kl_cfws                 on
 ``cfws_tensor_coarse`` CFWS, per-tensor coarse kl_cfws                 on
+``cfws_kl_bc``     CFWS + bias correction      kl_cfws                 on
+``cfws_kl_recon``  CFWS + learned rounding     kl_cfws                 on   (256 calib images)
+``kl_recon``       plain + learned rounding    kl_cfws                 on   (256 calib images)
 =================  ==========================  ======================  ===========
+
+The last three go beyond the paper (issue #14, :mod:`cfws_jax.ptq.reconstruct`): after
+calibration, layer by layer in execution order, ``bias_correction`` removes the mean output
+shift per channel and ``reconstruct`` learns each weight's rounding (AdaRound) so that the
+layer's output on quantized inputs matches the float one. ``kl_recon`` is ``cfws_kl_recon``
+without the CFWS split (plain per-channel weights), to show what CFWS brings.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from cfws_jax.quant import ROUNDINGS
 
 CalibOrder = Literal["sequential", "parallel"]
 BIAS_MODES = ("float", "int16")
+RECON_LOSSES = ("mse", "mae")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +68,19 @@ class QuantConfig:
         output layer (``is_output`` head prediction convs, whose outputs always stay float).
       float_layers: glob patterns of layer names kept entirely in float.
       bias: ``"float"`` or ``"int16"`` (per-tensor, ``max|b| / 32767``).
-      num_calib_images / calib_batch_size / seed: calibration sample.
+      num_calib_images / calib_batch_size / seed: calibration sample (``seed`` also seeds the
+        reconstruction's minibatches).
+      bias_correction: after calibration, subtract from every quantized layer's bias the mean
+        (over calibration images and positions) of its pre-activation output error.
+      reconstruct: after calibration, learn every quantized layer's weight rounding on the
+        calibration images (:func:`cfws_jax.ptq.adaround.reconstruct_layer`); with
+        ``bias_correction`` too, each layer is corrected after its reconstruction.
+      recon_iters / recon_batch_size / recon_lr / recon_reg_weight: Adam steps per layer, images
+        per step, learning rate, weight of the rounding regularizer (``recon_iters=0`` keeps
+        round-to-nearest).
+      recon_loss: ``"mse"`` or ``"mae"`` of the layer output against the float one.
+      recon_qdrop: QDrop probability (each element of a layer's input falls back to float).
+      recon_act_step: also learn the step (amax) of the layer's ``:in`` quantizer (LSQ-style).
     """
 
     w_bits: int = 8
@@ -85,6 +107,15 @@ class QuantConfig:
     num_calib_images: int = 32
     calib_batch_size: int = 32
     seed: int = 0
+    bias_correction: bool = False
+    reconstruct: bool = False
+    recon_iters: int = 2000
+    recon_batch_size: int = 32
+    recon_lr: float = 1e-3
+    recon_reg_weight: float = 0.01
+    recon_loss: str = "mse"
+    recon_qdrop: float = 0.0
+    recon_act_step: bool = False
 
     def __post_init__(self):
         for f in ("w_bits", "a_bits"):
@@ -107,6 +138,16 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.num_calib_images < 1 or self.calib_batch_size < 1:
             raise ValueError("QuantConfig.num_calib_images and calib_batch_size must be >= 1")
+        if self.recon_iters < 0 or self.recon_batch_size < 1:
+            raise ValueError(f"QuantConfig.recon_iters must be >= 0 and recon_batch_size >= 1, got "
+                             f"{self.recon_iters} and {self.recon_batch_size}")
+        if not self.recon_lr > 0 or not self.recon_reg_weight >= 0:
+            raise ValueError(f"QuantConfig.recon_lr must be > 0 and recon_reg_weight >= 0, got "
+                             f"{self.recon_lr} and {self.recon_reg_weight}")
+        if self.recon_loss not in RECON_LOSSES:
+            raise ValueError(f"QuantConfig.recon_loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
+        if not 0.0 <= self.recon_qdrop < 1.0:
+            raise ValueError(f"QuantConfig.recon_qdrop must be in [0, 1), got {self.recon_qdrop}")
         object.__setattr__(self, "float_layers", tuple(self.float_layers))
 
     def replace(self, **changes) -> "QuantConfig":
@@ -146,6 +187,10 @@ PRESETS: dict[str, QuantConfig] = {
     "cfws_tensor_coarse": QuantConfig(cfws_coarse="tensor", act_method="kl_cfws"),
 }
 PRESETS["cfws_kl_reponly"] = PRESETS["only_rep_kl"]
+# beyond the paper (issue #14): bias correction / learned rounding after calibration
+PRESETS["cfws_kl_bc"] = QuantConfig(act_method="kl_cfws", bias_correction=True)
+PRESETS["cfws_kl_recon"] = QuantConfig(act_method="kl_cfws", reconstruct=True, num_calib_images=256)
+PRESETS["kl_recon"] = QuantConfig(cfws=False, act_method="kl_cfws", reconstruct=True, num_calib_images=256)
 
 
 def get_preset(name: str, **overrides) -> QuantConfig:

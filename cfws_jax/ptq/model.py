@@ -114,6 +114,10 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
       config: a :class:`QuantConfig` (see ``cfws_jax.ptq.PRESETS``).
       mesh: a :func:`cfws_jax.parallel.local_mesh` (or a device count): calibration batches are
         sharded over its devices (data parallel; the result does not depend on the device count).
+
+    With ``config.reconstruct`` / ``config.bias_correction`` the layers are then reconstructed /
+    bias-corrected on the same images (:func:`cfws_jax.ptq.reconstruct.refine`, one device);
+    per-layer statistics land in ``meta["reconstruction"]`` / ``meta["bias_correction"]``.
     """
     batches = _stack_batches(calibration_batches)
     arch, model, params = resolve_model(arch_or_model, variables, num_classes)
@@ -138,6 +142,11 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
             "input_shape": list(input_shape),
             "calibration": {"images": int(sum(b.shape[0] for b in batches)), "batches": len(batches),
                             "order": config.calib_order}}
+    if config.reconstruct or config.bias_correction:  # issue #14: learned rounding / bias correction
+        from cfws_jax.ptq.reconstruct import refine
+
+        q_layers, amax, refine_meta = refine(model, plan, float_w, q_layers, amax, batches, config, progress)
+        meta.update(refine_meta)
     return QuantizedModel(layers=q_layers, act_amax=np.asarray(amax, np.float32), arch=arch or "",
                           config=config, plan=plan, meta_json=json.dumps(meta, sort_keys=True))
 
@@ -240,6 +249,7 @@ def load_quantized(directory, arch: str | None = None) -> QuantizedModel:
     if plan.names != names or [p.name for p in plan.points] != list(meta["points"]):
         raise ValueError(f"{directory}: the recorded layers do not match architecture {meta['arch']} "
                          "(saved by a different cfws_jax version or edited)")
-    keep = {k: meta[k] for k in ("format", "num_classes", "input_shape", "calibration") if k in meta}
+    keep = {k: meta[k] for k in ("format", "num_classes", "input_shape", "calibration", "reconstruction",
+                                 "bias_correction", "refine_seconds") if k in meta}
     return QuantizedModel(layers=layers, act_amax=np.asarray(tree["act_amax"], np.float32), arch=meta["arch"],
                           config=config, plan=plan, meta_json=json.dumps(keep, sort_keys=True))

@@ -92,7 +92,12 @@ def bops_ratio(qm: QuantizedModel) -> float:
 
 
 def layer_report(qm: QuantizedModel, variables: Mapping, images, model=None) -> dict:
-    """``{"layers": [row, ...], "totals": {...}}`` (see module docstring). images: NHWC float32."""
+    """``{"layers": [row, ...], "totals": {...}}`` (see module docstring). images: NHWC float32.
+
+    A model made with ``reconstruct`` / ``bias_correction`` adds, per layer, ``recon_loss_before``
+    / ``recon_loss_after`` / ``recon_seconds`` and ``bc_loss_before`` / ``bc_loss_after`` /
+    ``bc_seconds`` (its output error on the calibration images, from ``qm.meta``) and
+    ``totals["refine_seconds"]``."""
     run, fw, qw, x = _comparison(qm, variables, images, model, return_outputs=True)
     P = len(qm.plan.points)
     f_out = run(fw, np.zeros((P,), bool))
@@ -100,6 +105,7 @@ def layer_report(qm: QuantizedModel, variables: Mapping, images, model=None) -> 
     bops = network_bops([(lp.info.name, geometry(lp.info), bops_scheme(lp, qm.config)) for lp in qm.plan.layers],
                         qm.config.w_bits, qm.config.a_bits)
     rows = []
+    refine = qm.meta
     for lp, b in zip(qm.plan.layers, bops["layers"]):
         info, name = lp.info, lp.info.name
         wf, wq = np.asarray(fw[name]["kernel"]), np.asarray(qw[name]["kernel"])
@@ -121,12 +127,20 @@ def layer_report(qm: QuantizedModel, variables: Mapping, images, model=None) -> 
                 row[f"{side}_amax"] = float(qm.act_amax[idx])
                 row[f"{side}_method"] = p.method
                 row[f"{side}_mode"] = p.mode
+        for prefix, key in (("recon", "reconstruction"), ("bc", "bias_correction")):  # issue #14 statistics
+            st = refine.get(key, {}).get(name)
+            if st is not None:
+                row[f"{prefix}_loss_before"] = st["loss_before"]
+                row[f"{prefix}_loss_after"] = st["loss_after"]
+                row[f"{prefix}_seconds"] = st["seconds"]
         rows.append(row)
     totals = {"logits_sqnr_db": sqnr_db(f_out["logits"], q_out["logits"]),
               "logits_cosine": cosine(f_out["logits"], q_out["logits"]),
               "top1_agreement": float(np.mean(np.argmax(f_out["logits"], -1) == np.argmax(q_out["logits"], -1))),
               "total_macs": bops["total_macs"], "total_bops": bops["total_bops"],
               "bops_ratio_vs_int8": bops["ratio_vs_int8"], "images": int(x.shape[0])}
+    if "refine_seconds" in refine:
+        totals["refine_seconds"] = refine["refine_seconds"]
     if is_detection_output(f_out["logits"]):
         totals.update(detection_agreement(f_out["logits"], q_out["logits"], tuple(x.shape[1:3])))
     return {"arch": qm.arch, "config": qm.config.to_dict(), "layers": rows, "totals": totals}
@@ -204,6 +218,9 @@ def strict_json(obj):
 
 COLUMNS = ("layer", "kind", "scheme", "center_surround_ratio", "w_scale_max", "out_amax", "out_method",
            "weight_sqnr_db", "output_sqnr_db", "output_cosine")
+# shown by format_report when some row has them: the layer output's loss (per element, on the
+# calibration images) before / after reconstruction and bias correction (issue #14)
+REFINE_COLUMNS = ("recon_loss_before", "recon_loss_after", "bc_loss_before", "bc_loss_after")
 
 
 def format_report(report: dict) -> str:
@@ -215,8 +232,9 @@ def format_report(report: dict) -> str:
             return f"{v:.4g}"
         return str(v)
 
-    table = [COLUMNS] + [tuple(cell(r.get(c)) for c in COLUMNS) for r in report["layers"]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    cols = COLUMNS + tuple(c for c in REFINE_COLUMNS if any(c in r for r in report["layers"]))
+    table = [cols] + [tuple(cell(r.get(c)) for c in cols) for r in report["layers"]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table]
     t = report["totals"]
     bops = f"BOPs {t['total_bops']:.4g} ({t['bops_ratio_vs_int8']:.3f}x INT8)"
@@ -228,6 +246,9 @@ def format_report(report: dict) -> str:
     else:
         lines.append(f"logits: SQNR {t['logits_sqnr_db']:.2f} dB, cosine {t['logits_cosine']:.5f}, "
                      f"top-1 agreement {t['top1_agreement']:.3f} on {t['images']} images; {bops}")
+    if "refine_seconds" in t:
+        lines.append(f"reconstruction / bias correction: {t['refine_seconds']:.1f} s "
+                     "(losses: per-element output error on the calibration images)")
     return "\n".join(lines)
 
 
