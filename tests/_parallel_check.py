@@ -18,26 +18,10 @@ from cfws_jax import parallel  # noqa: E402
 from cfws_jax.evaluate import evaluate_classifier  # noqa: E402
 from cfws_jax.models import create_model  # noqa: E402
 from cfws_jax.ptq import get_preset, quantize, quantized_apply_fn  # noqa: E402
-from conftest import numpy_init  # noqa: E402
+from conftest import MemorySource as Source, numpy_init  # noqa: E402
 
 HW = 16
 
-
-class Source:
-    """The minimal evaluation source evaluate_classifier reads."""
-
-    spec, split, num_classes = "memory", "test", 10
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def count(self, limit=None):
-        return len(self.y) if limit is None else min(limit, len(self.y))
-
-    def iter_batches(self, batch_size, limit=None):
-        n = self.count(limit)
-        for s in range(0, n, batch_size):
-            yield self.x[s:min(s + batch_size, n)], self.y[s:min(s + batch_size, n)]
 
 
 def calibration(order: str, mesh4=None) -> dict:

@@ -50,3 +50,21 @@ def numpy_init(model, input_shape, seed: int = 0, **kwargs):
         return rng.normal(0, 0.1, s.shape).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+class MemorySource:
+    """The minimal evaluation source ``cfws_jax.evaluate.evaluate_classifier`` reads: in-memory
+    NHWC images ``x`` and labels ``y``, batches in order."""
+
+    spec, split, num_classes = "memory", "test", 10
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def count(self, limit=None):
+        return len(self.y) if limit is None else min(limit, len(self.y))
+
+    def iter_batches(self, batch_size, limit=None):
+        n = self.count(limit)
+        for s in range(0, n, batch_size):
+            yield self.x[s:min(s + batch_size, n)], self.y[s:min(s + batch_size, n)]

@@ -30,22 +30,6 @@ ROOT = os.path.dirname(HERE)
 HW = 16  # tiny inputs: the test is about agreement, not about the model
 
 
-class Source:
-    """The minimal evaluation source ``evaluate_classifier`` reads."""
-
-    spec, split, num_classes = "memory", "test", 10
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def count(self, limit=None):
-        return len(self.y) if limit is None else min(limit, len(self.y))
-
-    def iter_batches(self, batch_size, limit=None):
-        n = self.count(limit)
-        for s in range(0, n, batch_size):
-            yield self.x[s:min(s + batch_size, n)], self.y[s:min(s + batch_size, n)]
-
 
 def workload(mesh):
     """The three checks; ``mesh=None``: single process, one device, per-device batch shapes.
@@ -61,7 +45,7 @@ def workload(mesh):
     from cfws_jax.ptq import get_preset, quantize
 
     sys.path.insert(0, HERE)
-    from conftest import numpy_init
+    from conftest import MemorySource as Source, numpy_init
 
     out = {}
     # histogram engine: 3 real rows (padded to 4 on the mesh), values exact, counts exact

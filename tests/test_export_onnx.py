@@ -14,6 +14,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from cfws_jax.cli import main  # noqa: E402
@@ -22,6 +23,7 @@ from cfws_jax.models import create_model  # noqa: E402
 from cfws_jax.models.mobileone import MobileOneConfig  # noqa: E402
 from cfws_jax.models.repvgg import RepVGGConfig  # noqa: E402
 from cfws_jax.ptq import get_preset, quantize, quantized_apply_fn  # noqa: E402
+from cfws_jax.ptq.model import nest_layers  # noqa: E402
 from conftest import numpy_init  # noqa: E402
 
 FAST = get_preset("cfws_minmax", calib_order="parallel")
@@ -42,13 +44,8 @@ def run(model_proto, x_nhwc, optimized: bool = True, batch: int = 100):
 
 
 def nested(weights):
-    out: dict = {}
-    for name, arrays in weights.items():
-        node = out
-        for part in name.split("/"):
-            node = node.setdefault(part, {})
-        node.update({k: jnp.asarray(v) for k, v in arrays.items()})
-    return {"params": out}
+    """``{layer: {kernel, bias}}`` -> Flax ``{"params": ...}`` of device arrays."""
+    return {"params": jax.tree_util.tree_map(jnp.asarray, nest_layers(weights))}
 
 
 # ------------------------------------------------------------------ small synthetic networks

@@ -26,6 +26,7 @@ from cfws_jax.detection import nms  # noqa: E402
 from cfws_jax.export import export_onnx, float_onnx  # noqa: E402
 from cfws_jax.models import create_model, get_config  # noqa: E402
 from cfws_jax.ptq import get_preset, quantize, quantized_apply_fn  # noqa: E402
+from cfws_jax.ptq.model import nest_layers  # noqa: E402
 from conftest import numpy_init  # noqa: E402
 
 S = 128  # export / test image size
@@ -75,13 +76,8 @@ def random_deploy_variables(model, seed: int = 0):
 
 
 def nested(weights):
-    out: dict = {}
-    for name, arrays in weights.items():
-        node = out
-        for part in name.split("/"):
-            node = node.setdefault(part, {})
-        node.update({k: jnp.asarray(v) for k, v in arrays.items()})
-    return {"params": out}
+    """``{layer: {kernel, bias}}`` -> Flax ``{"params": ...}`` of device arrays."""
+    return {"params": jax.tree_util.tree_map(jnp.asarray, nest_layers(weights))}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

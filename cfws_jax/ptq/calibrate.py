@@ -187,6 +187,70 @@ class _Done(Exception):
     """Raised inside a batch's forward once its last point is quantized (the rest is not needed)."""
 
 
+# ----------------------------------------------------------------------------- lockstep machinery
+# Shared by the one-pass sequential calibration and the one-pass refinement
+# (cfws_jax.ptq.reconstruct): one eager Flax forward per thread, every QConv / QDense run as
+# its small jitted function, the threads meeting at a threading.Barrier.
+
+def apply_layer(lp, plan: Plan, geom: LayerInfo, w, x, point=None):
+    """One layer of a lockstep forward: ``point(i, t)`` quantizes at point ``i`` (None: the float
+    network, no points); the ``:in`` point, then ``act(linear)`` with the ``:out`` point before
+    or after the activation as the plan says. ``w``: ``{"kernel", "bias"?}``, ``geom``: the
+    layer's :func:`_geometry`."""
+    if point is not None and lp.in_point is not None:
+        x = point(lp.in_point, x)
+    out = lp.out_point if point is not None else None
+    pre = out is not None and plan.points[out].before_act
+    y = _layer_fn(x, w["kernel"], w.get("bias"), info=geom, act=None if pre else lp.info.act)
+    if out is not None:
+        y = point(out, y)
+        if pre:
+            y = _act_fn(y, act=lp.info.act)
+    return y
+
+
+def intercepted_forward(model, x, on_layer, what: str) -> None:
+    """``model.apply`` on ``x`` with every QConv / QDense call replaced by ``on_layer(module, x)``;
+    returns when ``on_layer`` raises :class:`_Done` (an error if the forward ends first)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name != "__call__" or not isinstance(mod, (QConv, QDense)):
+            return next_fun(*args, **kwargs)
+        return on_layer(mod, args[0])
+
+    try:
+        with nn.intercept_methods(interceptor):
+            model.apply({"params": {}}, x)
+    except _Done:
+        return
+    raise RuntimeError(f"{what}: the forward ended before its last stop")
+
+
+def run_in_lockstep(jobs, run_one, barrier: threading.Barrier) -> None:
+    """``run_one(job)`` for every job, the first in the calling thread and the others in their
+    own; the first error aborts ``barrier`` (the others then stop) and is re-raised."""
+    errors: list = []
+
+    def worker(job):
+        try:
+            run_one(job)
+        except threading.BrokenBarrierError:
+            pass  # another thread failed first; its error is reported
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(j,), daemon=True) for j in jobs[1:]]
+    for th in threads:
+        th.start()
+    worker(jobs[0])
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+
+
 def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfig, progress=True,
                          mesh=None) -> np.ndarray:
     """amax ``(P,)`` as :func:`calibrate_sequential_reference` computes it, bit for bit, in one
@@ -254,49 +318,15 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
         return q
 
     def run(b: int):
-        def interceptor(next_fun, args, kwargs, context):
-            mod = context.module
-            if context.method_name != "__call__" or not isinstance(mod, (QConv, QDense)):
-                return next_fun(*args, **kwargs)
+        def on_layer(mod, x):
             lp = by_name[layer_name(mod)]
-            x = args[0]
-            if lp.in_point is not None:
-                x = point(lp.in_point, b, x)
-            w = weights[lp.info.name]
-            pre = lp.out_point is not None and plan.points[lp.out_point].before_act
-            y = _layer_fn(x, w["kernel"], w.get("bias"), info=geoms[lp.info.name],
-                          act=None if pre else lp.info.act)
-            if lp.out_point is not None:
-                y = point(lp.out_point, b, y)
-                if pre:
-                    y = _act_fn(y, act=lp.info.act)
-            return y
+            return apply_layer(lp, plan, geoms[lp.info.name], weights[lp.info.name], x,
+                               point=lambda i, t: point(i, b, t))
 
-        try:
-            with nn.intercept_methods(interceptor):
-                model.apply({"params": {}}, batches[b])
-        except _Done:
-            return
-        raise RuntimeError("sequential calibration: the forward ended before its last quantization point")
+        intercepted_forward(model, batches[b], on_layer, "sequential calibration")
 
-    errors: list = []
-
-    def worker(b: int):
-        try:
-            run(b)
-        except threading.BrokenBarrierError:
-            pass  # another batch failed first; its error is reported
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=worker, args=(b,), daemon=True) for b in range(1, nb)]
-    for th in threads:
-        th.start()
-    worker(0)
-    for th in threads:
-        th.join()
-    bar.close()
-    if errors:
-        raise errors[0]
+    try:
+        run_in_lockstep(list(range(nb)), run, barrier)
+    finally:
+        bar.close()
     return amax

@@ -181,7 +181,8 @@ def _logits_fn(model: nn.Module, key: Plan):
     return jax.jit(lambda weights, amax, qmax, enabled, x: fwd(weights, amax, qmax, enabled, x)["logits"])
 
 
-def _nest(layers: Mapping[str, Mapping]) -> dict:
+def nest_layers(layers: Mapping[str, Mapping]) -> dict:
+    """``{"a/b": {leaf: array}}`` -> the nested ``{"a": {"b": {leaf: np.ndarray}}}`` (a Flax params tree)."""
     tree: dict = {}
     for name, arrays in layers.items():
         node = tree
@@ -213,7 +214,7 @@ def save_quantized(qm: QuantizedModel, directory, *, overwrite: bool = False, fl
     meta = {"kind": "quantized_model", "arch": qm.arch, "config": qm.config.to_dict(),
             "layers": qm.plan.names, "points": [p.name for p in qm.plan.points],
             "schemes": {lp.info.name: lp.scheme for lp in qm.plan.layers}, **qm.meta}
-    tree = {"layers": _nest(qm.layers), "act_amax": np.asarray(qm.act_amax, np.float32)}
+    tree = {"layers": nest_layers(qm.layers), "act_amax": np.asarray(qm.act_amax, np.float32)}
     return io.save_variables(directory, tree, meta, overwrite=overwrite, flag=flag)
 
 

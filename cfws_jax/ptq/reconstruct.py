@@ -70,7 +70,7 @@ import numpy as np
 from cfws_jax.models.layers import QConv, QDense, activation
 from cfws_jax.progress import Progress
 from cfws_jax.ptq.adaround import ReconConfig, reconstruct_layer
-from cfws_jax.ptq.calibrate import _act_fn, _fq_fn, _geometry, _layer_fn
+from cfws_jax.ptq.calibrate import _Done, _fq_fn, _geometry, _layer_fn, apply_layer, intercepted_forward, run_in_lockstep
 from cfws_jax.ptq.config import QuantConfig
 from cfws_jax.ptq.graph import layer_name
 from cfws_jax.ptq.runtime import LayerPlan, Plan, forward_key, layer_linear, make_forward
@@ -266,10 +266,6 @@ def _in_quant(plan: Plan, lp: LayerPlan, amax) -> tuple | None:
     return float(amax[lp.in_point]), float(p.spec.qmax), p.rounding
 
 
-class _Done(Exception):
-    """Raised inside a batch's forward once the last refined layer is settled."""
-
-
 def _refine_layer(lp: LayerPlan, x_q, x_fp, st: dict) -> str:
     """Reconstruct and / or bias-correct one layer from its captured inputs (``[N, ...]``); updates
     ``st["q_layers"]``, ``st["amax"]``, ``st["quant_w"]`` and the statistics; returns the progress text."""
@@ -381,15 +377,13 @@ def _one_pass(model, plan: Plan, todo, batches, st: dict, progress: bool) -> Non
     def point(i: int, t):
         return _fq_fn(t, jnp.asarray(st["amax"][i]), qmax[i], rounding=plan.points[i].rounding)
 
-    def run(kind: str, b: int):
+    def run(job):
+        kind, b = job
         quant = kind == "q"
 
-        def interceptor(next_fun, args, kwargs, context):
-            mod = context.module
-            if context.method_name != "__call__" or not isinstance(mod, (QConv, QDense)):
-                return next_fun(*args, **kwargs)
+        def on_layer(mod, x):
             lp = by_name[layer_name(mod)]
-            name, x = lp.info.name, args[0]
+            name = lp.info.name
             if name in refined:
                 slots[kind][b] = x
                 current[0] = lp
@@ -397,42 +391,11 @@ def _one_pass(model, plan: Plan, todo, batches, st: dict, progress: bool) -> Non
                 if name == last:
                     raise _Done
             w = (st["quant_w"] if quant else st["float_w"])[name]
-            if quant and lp.in_point is not None:
-                x = point(lp.in_point, x)
-            out = lp.out_point if quant else None
-            pre = out is not None and plan.points[out].before_act
-            y = _layer_fn(x, w["kernel"], w.get("bias"), info=geoms[name], act=None if pre else lp.info.act)
-            if out is not None:
-                y = point(out, y)
-                if pre:
-                    y = _act_fn(y, act=lp.info.act)
-            return y
+            return apply_layer(lp, plan, geoms[name], w, x, point=point if quant else None)
 
-        try:
-            with nn.intercept_methods(interceptor):
-                model.apply({"params": {}}, batches[b])
-        except _Done:
-            return
-        raise RuntimeError("reconstruction: the forward ended before its last refined layer")
+        intercepted_forward(model, batches[b], on_layer, "reconstruction")
 
-    errors: list = []
-
-    def worker(kind: str, b: int):
-        try:
-            run(kind, b)
-        except threading.BrokenBarrierError:
-            pass  # another thread failed first; its error is reported
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            errors.append(e)
-            barrier.abort()
-
-    jobs = [(k, b) for b in range(nb) for k in ("q", "fp")]
-    threads = [threading.Thread(target=worker, args=j, daemon=True) for j in jobs[1:]]
-    for th in threads:
-        th.start()
-    worker(*jobs[0])
-    for th in threads:
-        th.join()
-    bar.close()
-    if errors:
-        raise errors[0]
+    try:
+        run_in_lockstep([(k, b) for b in range(nb) for k in ("q", "fp")], run, barrier)
+    finally:
+        bar.close()
