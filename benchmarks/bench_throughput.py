@@ -103,9 +103,9 @@ def main(argv=None):
             torch.cuda.synchronize()
         return out
 
-    def torch_fwd(inp):
+    def torch_fwd(inp, net=tm):
         with torch.no_grad():
-            return sync_torch(tm(inp))
+            return sync_torch(net(inp))
 
     float_fn = jax.jit(model.apply)
     variants = {
@@ -118,9 +118,12 @@ def main(argv=None):
         ia = integer_apply_fn(qm)
         variants["jax integer"] = lambda: ia(xd).block_until_ready()
     if a.channels_last:
-        tm_cl = tm.to(memory_format=torch.channels_last)
+        import copy
+
+        # Module.to converts in place: a copy, so that "pytorch eager" stays the contiguous model
+        tm_cl = copy.deepcopy(tm).to(memory_format=torch.channels_last)
         xt_cl = xt.contiguous(memory_format=torch.channels_last)
-        variants["pytorch eager channels_last"] = lambda: torch_fwd(xt_cl)
+        variants["pytorch eager channels_last"] = lambda: torch_fwd(xt_cl, tm_cl)
 
     # correctness + warm-up (first calls compile)
     ref = torch_fwd(xt).float().cpu().numpy()

@@ -129,7 +129,7 @@ def layer_inputs(qm, weights, enabled):
 def test_config_fields_presets_and_old_dicts():
     d = get_preset("cfws_kl").to_dict()
     for f in ("bias_correction", "reconstruct", "recon_iters", "recon_batch_size", "recon_lr", "recon_reg_weight",
-              "recon_loss", "recon_qdrop", "recon_act_step"):
+              "recon_loss", "recon_qdrop", "recon_act_step", "recon_unit"):
         d.pop(f)
     assert QuantConfig.from_dict(d) == get_preset("cfws_kl")  # a model saved before #14 loads unchanged
     assert PRESETS["cfws_kl_bc"] == PRESETS["cfws_kl"].replace(bias_correction=True)
@@ -137,7 +137,7 @@ def test_config_fields_presets_and_old_dicts():
     assert PRESETS["kl_recon"] == PRESETS["cfws_kl_recon"].replace(cfws=False)
     assert not any(PRESETS[p].reconstruct or PRESETS[p].bias_correction for p in ("minmax", "kl", "cfws_kl"))
     for bad in (dict(recon_loss="l1"), dict(recon_qdrop=1.0), dict(recon_iters=-1), dict(recon_batch_size=0),
-                dict(recon_lr=0.0), dict(recon_reg_weight=-1.0)):
+                dict(recon_lr=0.0), dict(recon_reg_weight=-1.0), dict(recon_unit="stage")):
         with pytest.raises(ValueError, match="QuantConfig.recon_"):
             QuantConfig(**bad)
     cfg = QuantConfig(recon_iters=7, recon_batch_size=3, recon_lr=0.02, recon_reg_weight=0.5, recon_loss="mae",
@@ -407,7 +407,7 @@ def test_cli_recon_preset_end_to_end(tmp_path, capsys):
               "--calib-batch-size", "6", "--float-layers", *FLOAT, "--no-progress"]
     q, report = tmp_path / "q", tmp_path / "r.json"
     assert main([*common, "--preset", "cfws_kl_recon", "--iters", "40", "--recon-batch-size", "4", "--bias-correction",
-                 "--out", str(q), "--report", str(report)]) == 0
+                 "--recon-unit", "layer", "--out", str(q), "--report", str(report)]) == 0
     out, err = capsys.readouterr()
     assert "recon_loss_after" in out and "reconstruction: 3 layers" in err and "bias correction: 3 layers" in err
     rep = json.loads(report.read_text())
@@ -415,12 +415,14 @@ def test_cli_recon_preset_end_to_end(tmp_path, capsys):
     qm = load_quantized(q)
     assert qm.config.reconstruct and qm.config.bias_correction and qm.config.recon_iters == 40
     assert qm.config.recon_batch_size == 4 and sorted(qm.meta["reconstruction"]) == sorted(REFINED)
+    assert qm.config.recon_unit == "layer"
     assert main(["eval", "--arch", ARCH, "--quantized", str(q), "--data", str(data), "--split", "test", "--json",
                  "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 8
     # errors are one line: tuning flags without reconstruction, a bad QDrop probability
     for extra, msg in ((["--preset", "cfws_kl", "--iters", "5"], "--iters: reconstruction options, but preset cfws_kl does not reconstruct"),
-                       (["--preset", "cfws_kl_recon", "--qdrop", "1.5"], "--qdrop must be in [0, 1)")):
+                       (["--preset", "cfws_kl_recon", "--qdrop", "1.5"], "--qdrop must be in [0, 1)"),
+                       (["--preset", "cfws_kl_bc", "--recon-unit", "block"], "--recon-unit: reconstruction options")):
         assert main([*common, *extra, "--out", str(tmp_path / "q2")]) == 1
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(errors) == 1 and errors[0].startswith("cfws-jax ptq: error: ") and msg in errors[0]

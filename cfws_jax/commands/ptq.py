@@ -3,7 +3,7 @@
     cfws-jax ptq --arch ARCH --params DIR --calib-data SRC --preset NAME --out QDIR
                  [--report FILE.json|FILE.csv] [--num-calib 32] [--seed 0] [--order sequential]
                  [--w-bits 8] [--a-bits 8] [--act-method M] [--float-layers PAT ...]
-                 [--keep-float K] [--bias-correction] [--reconstruct] [--iters 2000]
+                 [--keep-float K] [--bias-correction] [--reconstruct] [--iters 200]
                  [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P]
 
 ``--keep-float K`` runs the single-layer sensitivity analysis and keeps the K most sensitive
@@ -17,7 +17,7 @@ is ignored; the sensitivity analysis runs on the first 8 calibration images.
 
 Beyond the paper (issue #14): ``--preset cfws_kl_bc`` (bias correction), ``cfws_kl_recon`` /
 ``kl_recon`` (learned rounding, layer by layer, on 256 calibration images by default), e.g.
-``cfws-jax ptq --preset cfws_kl_recon --num-calib 256 --iters 2000``; ``--bias-correction`` /
+``cfws-jax ptq --preset cfws_kl_recon --num-calib 256 --iters 200``; ``--bias-correction`` /
 ``--reconstruct`` switch either on for any preset, and the ``--iters`` / ``--recon-*`` /
 ``--qdrop`` options tune the reconstruction (they need it on). The report then shows each
 layer's output error before and after.
@@ -67,13 +67,16 @@ def register(sub) -> None:
                    help="after calibration, remove each layer's mean output shift per channel (cfws_kl_bc)")
     p.add_argument("--reconstruct", action="store_true",
                    help="after calibration, learn each layer's weight rounding (AdaRound; cfws_kl_recon)")
-    p.add_argument("--iters", type=int, default=None, help="reconstruction: Adam steps per layer (default 2000)")
+    p.add_argument("--iters", type=int, default=None, help="reconstruction: Adam steps per layer or block (default 200; 2000 or more on a GPU)")
     p.add_argument("--recon-batch-size", type=int, default=None,
                    help="reconstruction: images per step (default 32)")
     p.add_argument("--recon-loss", choices=("mse", "mae"), default=None,
                    help="reconstruction: loss of the layer output (default mse)")
     p.add_argument("--qdrop", type=float, default=None, metavar="P",
                    help="reconstruction: QDrop probability in [0, 1) (default 0)")
+    p.add_argument("--recon-unit", choices=("block", "layer"), default=None,
+                   help="reconstruction: block (default: a YOLOv6 RepBlock's layers jointly, BRECQ-style) or "
+                        "layer (every layer alone); the same for RepVGG / MobileOne")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     from cfws_jax.parallel import add_devices_arg
 
@@ -87,7 +90,7 @@ def _overrides(args) -> dict:
                        ("seed", "seed"), ("order", "calib_order"), ("w_bits", "w_bits"), ("a_bits", "a_bits"),
                        ("act_method", "act_method"), ("iters", "recon_iters"),
                        ("recon_batch_size", "recon_batch_size"), ("recon_loss", "recon_loss"),
-                       ("qdrop", "recon_qdrop")):
+                       ("qdrop", "recon_qdrop"), ("recon_unit", "recon_unit")):
         v = getattr(args, arg)
         if v is not None:
             o[field] = v
@@ -107,7 +110,7 @@ _RANGES = (("num_calib", "--num-calib", 1, None), ("calib_batch_size", "--calib-
            ("image_size", "--image-size", 1, None), ("iters", "--iters", 0, None),
            ("recon_batch_size", "--recon-batch-size", 1, None))
 _RECON_FLAGS = (("iters", "--iters"), ("recon_batch_size", "--recon-batch-size"), ("recon_loss", "--recon-loss"),
-                ("qdrop", "--qdrop"))
+                ("qdrop", "--qdrop"), ("recon_unit", "--recon-unit"))
 
 
 def check_args(args) -> None:

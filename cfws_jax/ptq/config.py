@@ -37,6 +37,7 @@ from cfws_jax.quant import ROUNDINGS
 CalibOrder = Literal["sequential", "parallel"]
 BIAS_MODES = ("float", "int16")
 RECON_LOSSES = ("mse", "mae")
+RECON_UNITS = ("block", "layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +76,16 @@ class QuantConfig:
       reconstruct: after calibration, learn every quantized layer's weight rounding on the
         calibration images (:func:`cfws_jax.ptq.adaround.reconstruct_layer`); with
         ``bias_correction`` too, each layer is corrected after its reconstruction.
-      recon_iters / recon_batch_size / recon_lr / recon_reg_weight: Adam steps per layer, images
-        per step, learning rate, weight of the rounding regularizer (``recon_iters=0`` keeps
-        round-to-nearest).
+      recon_iters / recon_batch_size / recon_lr / recon_reg_weight: Adam steps per layer (or
+        unit), images per step, learning rate, weight of the rounding regularizer
+        (``recon_iters=0`` keeps round-to-nearest). The defaults (200 steps at 1e-2) fit a 2-core
+        CPU; AdaRound's own schedule is 10-20k steps at 1e-3 (Adam moves a rounding variable by
+        about the learning rate per step, and flipping a rounding takes a move of ~0.5).
       recon_loss: ``"mse"`` or ``"mae"`` of the layer output against the float one.
       recon_qdrop: QDrop probability (each element of a layer's input falls back to float).
       recon_act_step: also learn the step (amax) of the layer's ``:in`` quantizer (LSQ-style).
+      recon_unit: ``"block"`` (a YOLOv6 RepBlock's layers are reconstructed jointly, BRECQ-style;
+        every other layer alone) or ``"layer"`` (every layer alone); the same for RepVGG / MobileOne.
     """
 
     w_bits: int = 8
@@ -109,13 +114,14 @@ class QuantConfig:
     seed: int = 0
     bias_correction: bool = False
     reconstruct: bool = False
-    recon_iters: int = 2000
+    recon_iters: int = 200
     recon_batch_size: int = 32
-    recon_lr: float = 1e-3
+    recon_lr: float = 1e-2
     recon_reg_weight: float = 0.01
     recon_loss: str = "mse"
     recon_qdrop: float = 0.0
     recon_act_step: bool = False
+    recon_unit: str = "block"
 
     def __post_init__(self):
         for f in ("w_bits", "a_bits"):
@@ -148,6 +154,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.recon_loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
         if not 0.0 <= self.recon_qdrop < 1.0:
             raise ValueError(f"QuantConfig.recon_qdrop must be in [0, 1), got {self.recon_qdrop}")
+        if self.recon_unit not in RECON_UNITS:
+            raise ValueError(f"QuantConfig.recon_unit must be one of {RECON_UNITS}, got {self.recon_unit!r}")
         object.__setattr__(self, "float_layers", tuple(self.float_layers))
 
     def replace(self, **changes) -> "QuantConfig":

@@ -36,11 +36,16 @@ measures) and ``meta["bias_correction"][layer] = {"loss_before", "loss_after", "
 "seconds"}`` (the layer output's loss before / after the correction); ``meta["refine_seconds"]``
 the whole pass.
 
-Granularity: one layer (a QConv / QDense with its activation) is the unit of reconstruction.
-For the RepVGG / MobileOne deploy forms that is one block (re-parameterized conv + ReLU); in
-MobileOne SE blocks the rep conv (before SE), ``se/reduce`` and ``se/expand`` are three units.
-YOLOv6 is reconstructed layer by layer as well; reconstruction of a whole RepBlock (several
-layers jointly, BRECQ-style) is not done.
+Granularity (``config.recon_unit``): ``"block"`` (default) reconstructs each YOLOv6 RepBlock
+(``conv1`` and its ``block_j`` RepVGG blocks, a chain of fused 3x3 convs) as one unit, all its
+layers' rounding learned jointly against the block's float output, BRECQ-style
+(:mod:`cfws_jax.ptq.block_recon`; :func:`recon_units` finds the units); every other layer, and
+every layer with ``"layer"``, is its own unit. For the RepVGG / MobileOne deploy forms one layer
+is one block (re-parameterized conv + ReLU), so both settings are the same there; in MobileOne
+SE blocks the rep conv (before SE), ``se/reduce`` and ``se/expand`` are three units. A unit's
+statistics (its output's losses) are repeated on each of its layers with ``"unit"`` = its layer
+names; the learning seconds are on its first layer. Bias correction stays per layer: an inner
+layer of a unit is corrected when the pass reaches it, after the unit's codes changed.
 
 Cost: the pass runs each network once per image (no prefix is recomputed) and compiles one
 small function per layer geometry, not per layer; on the shipped CIFAR RepVGG-A0 with 32 images
@@ -58,6 +63,7 @@ Reconstruction runs on one device (a ``mesh`` given to ``quantize`` only shards 
 from __future__ import annotations
 
 import functools
+import re
 import threading
 import time
 from typing import Mapping, Sequence
@@ -70,6 +76,7 @@ import numpy as np
 from cfws_jax.models.layers import QConv, QDense, activation
 from cfws_jax.progress import Progress
 from cfws_jax.ptq.adaround import ReconConfig, reconstruct_layer
+from cfws_jax.ptq.block_recon import UnitLayer, reconstruct_unit, unit_output
 from cfws_jax.ptq.calibrate import _Done, _fq_fn, _geometry, _layer_fn, apply_layer, intercepted_forward, run_in_lockstep
 from cfws_jax.ptq.config import QuantConfig
 from cfws_jax.ptq.graph import layer_name
@@ -207,6 +214,81 @@ def corrected_bias(q: Mapping, shift, kernel, scheme: str, w_bits: int, config: 
 
 
 # ----------------------------------------------------------------------------------------------
+# reconstruction units
+
+_REPBLOCK_LAYER = re.compile(r"^(?P<block>.+)/(conv1|block_\d+)/rbr_reparam$")
+
+
+def recon_units(plan: Plan, unit: str = "block") -> dict[str, tuple[LayerPlan, ...]]:
+    """``{first layer: the unit's LayerPlans}`` for every unit of >= 2 layers (``unit="layer"``: none).
+
+    A unit is a maximal run of consecutive quantized (plain / cfws) layers of one YOLOv6 RepBlock
+    (``<block>/conv1/rbr_reparam``, ``<block>/block_j/rbr_reparam``) where each layer's input is
+    the previous layer's output, through that layer's ``:out`` point and no ``:in`` point of its own.
+    """
+    if unit == "layer":
+        return {}
+    units, run, block = {}, [], None
+
+    def close():
+        if len(run) >= 2:
+            units[run[0].info.name] = tuple(run)
+
+    for lp in plan.layers:
+        m = _REPBLOCK_LAYER.match(lp.info.name)
+        chained = (m is not None and run and m["block"] == block and lp.info.input_from == run[-1].info.name
+                   and run[-1].out_point is not None and lp.in_point is None)
+        if lp.scheme == "float" or m is None:
+            close()
+            run, block = [], None
+        elif chained:
+            run.append(lp)
+        else:
+            close()
+            run, block = [lp], m["block"]
+    close()
+    return units
+
+
+def _unit_layers(units: tuple[LayerPlan, ...], st: dict) -> list[UnitLayer]:
+    plan, amax = st["plan"], st["amax"]
+    out = []
+    for j, lp in enumerate(units):
+        link = None
+        if j + 1 < len(units):
+            p = plan.points[lp.out_point]
+            link = (float(amax[lp.out_point]), float(p.spec.qmax), p.rounding, bool(p.before_act))
+        fw = st["float_w"][lp.info.name]
+        out.append(UnitLayer(lp.info, st["q_layers"][lp.info.name], fw["kernel"], fw.get("bias"), lp.w_bits, link))
+    return out
+
+
+def _reconstruct_unit(units: tuple[LayerPlan, ...], x_q, x_fp, st: dict, t_cap: float) -> str:
+    """Reconstruct a multi-layer unit from its first layer's captured inputs; returns the progress text."""
+    plan, chunk = st["plan"], st["config"].calib_batch_size
+    layers = _unit_layers(units, st)
+    first = units[0]
+    y_fp = unit_output(layers, x_fp, chunk=chunk)
+    in_quant = _in_quant(plan, first, st["amax"])
+    names = [lp.info.name for lp in units]
+    new_qs, r = reconstruct_unit(layers, x_q=x_q, x_fp=x_fp, y_fp=y_fp, in_quant=in_quant, rcfg=st["rcfg"])
+    for lp, q in zip(units, new_qs):
+        _check_layout(lp.info.name, st["q_layers"][lp.info.name], q, lp.w_bits)
+        st["q_layers"][lp.info.name] = q
+        st["quant_w"][lp.info.name] = {k: jnp.asarray(v) for k, v in dequantize_layer(q).items()}
+    if "in_amax" in r and first.in_point is not None:
+        st["amax"][first.in_point] = np.float32(r["in_amax"])
+    for j, name in enumerate(names):
+        st["recon"][name] = {"loss_before": float(r["loss_before"]), "loss_after": float(r["loss_after"]),
+                             "seconds": float(r["seconds"]) if j == 0 else 0.0,
+                             "capture_seconds": t_cap if j == 0 else 0.0, "accepted": bool(r["accepted"]),
+                             "unit": names}
+        if "in_amax" in r and j == 0 and first.in_point is not None:
+            st["recon"][name]["in_amax"] = float(st["amax"][first.in_point])
+    return f"unit of {len(names)} layers {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
+
+
+# ----------------------------------------------------------------------------------------------
 # the driver
 
 
@@ -277,7 +359,12 @@ def _refine_layer(lp: LayerPlan, x_q, x_fp, st: dict) -> str:
     t_cap = time.perf_counter() - t0 + st["capture_seconds"]
     in_quant = _in_quant(plan, lp, amax)
     shown = []
-    if config.reconstruct and st["rcfg"].iters == 0:
+    if config.reconstruct and name in st["inner"] and st["rcfg"].iters > 0:
+        shown.append(f"reconstructed with {st['inner'][name]}")
+    elif config.reconstruct and name in st["units"] and st["rcfg"].iters > 0:
+        shown.append(_reconstruct_unit(st["units"][name], x_q, x_fp, st, t_cap))
+        in_quant = _in_quant(plan, lp, amax)
+    elif config.reconstruct and st["rcfg"].iters == 0:
         # keep round-to-nearest: the learner's hardened initial rounding is not RTN for CFWS centre taps
         loss = layer_loss(info, q_layers[name], x_q, y_fp, in_quant, config.recon_loss, chunk)
         st["recon"][name] = {"loss_before": loss, "loss_after": loss, "seconds": 0.0, "capture_seconds": t_cap,
@@ -335,7 +422,9 @@ def refine(model: nn.Module, plan: Plan, float_w: Mapping, q_layers: Mapping, am
     st = {"config": config, "plan": plan, "float_w": float_w, "q_layers": dict(q_layers),
           "amax": np.array(amax, np.float32), "rcfg": recon_config(config) if config.reconstruct else None,
           "recon": {}, "bc": {}, "capture_seconds": 0.0,
+          "units": recon_units(plan, config.recon_unit) if config.reconstruct else {},
           "quant_w": {n: {k: jnp.asarray(v) for k, v in dequantize_layer(q).items()} for n, q in q_layers.items()}}
+    st["inner"] = {lp.info.name: first for first, u in st["units"].items() for lp in u[1:]}
     meta: dict = {}
     if todo:
         _one_pass(model, plan, todo, [jnp.asarray(b, jnp.float32) for b in batches], st, progress)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from cfws_jax import calib
 from cfws_jax.cfws import is_splittable
-from cfws_jax.models.layers import QConv, QDense, activation, conv2d
+from cfws_jax.models.layers import QConv, QDense, activation, conv2d, conv2d_unrolled
 from cfws_jax.ptq.config import QuantConfig
 from cfws_jax.ptq.graph import LayerInfo, layer_name
 from cfws_jax.quant import QuantSpec, fake_quant_symmetric
@@ -123,10 +123,12 @@ def build_plan(layers: list[LayerInfo], config: QuantConfig) -> Plan:
     return Plan(tuple(plans), tuple(points))
 
 
-def layer_linear(info: LayerInfo, x, kernel, bias):
-    """``conv(x) + b`` or ``x @ W + b`` with the layer's geometry (no activation)."""
+def layer_linear(info: LayerInfo, x, kernel, bias, unrolled: bool = False):
+    """``conv(x) + b`` or ``x @ W + b`` with the layer's geometry (no activation); ``unrolled``:
+    convs through :func:`cfws_jax.models.layers.conv2d_unrolled` (no convolution op)."""
     if info.kind == "conv":
-        return conv2d(x, kernel, bias, info.strides, info.padding, info.groups)
+        conv = conv2d_unrolled if unrolled else conv2d
+        return conv(x, kernel, bias, info.strides, info.padding, info.groups)
     y = x @ kernel.astype(x.dtype)
     return y if bias is None else y + bias.astype(y.dtype)
 
