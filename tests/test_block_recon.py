@@ -206,9 +206,6 @@ def test_driver_reconstructs_repblocks_jointly():
     xin = x_q if p is None else np_fq(x_q, qm.act_amax[lp0.in_point], p.spec.qmax)
     got = np.mean((unit_output(layers, xin, quantized=True).astype(np.float64) - y_fp) ** 2)
     np.testing.assert_allclose(got, stats[first]["loss_after"], rtol=1e-3)
-    # the layer-wise run reconstructs the same layers one by one
-    lstats = _detector_run("layer")[2].meta["reconstruction"]
-    assert sorted(lstats) == sorted(stats) and all("unit" not in s for s in lstats.values())
 
 
 def test_units_with_bias_correction_correct_every_layer():
