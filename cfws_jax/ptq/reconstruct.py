@@ -354,8 +354,11 @@ def _refine_layer(lp: LayerPlan, x_q, x_fp, st: dict) -> str:
     config, plan, chunk = st["config"], st["plan"], st["config"].calib_batch_size
     name, info = lp.info.name, lp.info
     q_layers, amax, fw = st["q_layers"], st["amax"], st["float_w"][name]
+    in_unit = config.reconstruct and st["rcfg"].iters > 0 and (name in st["inner"] or name in st["units"])
+    needs_target = not in_unit or (config.bias_correction and "bias" in dequantize_layer(q_layers[name]))
     t0 = time.perf_counter()
-    y_fp = _float_outputs(info, fw["kernel"], fw.get("bias"), x_fp, chunk)
+    # the layer's own float output: the target of a one-layer reconstruction and of bias correction
+    y_fp = _float_outputs(info, fw["kernel"], fw.get("bias"), x_fp, chunk) if needs_target else None
     t_cap = time.perf_counter() - t0 + st["capture_seconds"]
     in_quant = _in_quant(plan, lp, amax)
     shown = []
