@@ -47,7 +47,8 @@ def resolve_data(data: str | None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ShippedExperiment:
-    """The shipped model with its data: float and quantized top-1 on the first ``limit`` test images.
+    """The shipped model with its data: float and quantized top-1 on ``limit`` test images (a
+    class-balanced subset, :func:`cfws_jax.data.source.subset_indices`).
 
     Shared by ``cfws-jax demo`` and ``benchmarks/bench_cifar_tables.py``.
     """
@@ -113,9 +114,11 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
     mesh = None if mesh is None else local_mesh(mesh)
     exp = ShippedExperiment.load(data, limit, batch_size, mesh)
     n_eval, n_test = exp.limit, exp.test.num_images
+    from cfws_jax.evaluate import subset_description
+
+    subset = subset_description(exp.test, n_eval)
     print(f"model: {exp.arch} (shipped, fused); calibration: {num_calib} train images, seed {seed}; "
-          f"evaluation: {'all' if n_eval == n_test else 'the first'} {n_eval} of "
-          f"{n_test} test images" + ("" if n_eval == n_test else " (--full for all)"), file=log)
+          f"evaluation: {subset}" + ("" if n_eval == n_test else " (--full for all)"), file=log)
     calib = exp.calibration(num_calib, seed)
     float_top1 = exp.float_top1()
     print(f"float: top-1 {100 * float_top1:.2f}%", file=log)
@@ -132,7 +135,7 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
             bar.set_postfix(f"W{w_bits}A{a_bits} {name}: {100 * top1:.2f}%")
             bar.update(n_eval)
     bar.close()
-    info = {"arch": exp.arch, "data": exp.data, "eval_images": n_eval,
+    info = {"arch": exp.arch, "data": exp.data, "eval_images": n_eval, "eval_subset": subset,
             "calib_images": num_calib, "seed": seed,
             "devices": device_list(mesh) if mesh is not None else [str(jax.devices()[0])]}
     info["device"] = info["devices"][0] if len(info["devices"]) == 1 else f"{len(info['devices'])} x {info['devices'][0]}"
@@ -140,7 +143,7 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
 
 
 def format_table(float_top1: float, rows: list[DemoRow], info: dict) -> str:
-    lines = [f"{info['arch']} on {info['eval_images']} CIFAR-10 test images "
+    lines = [f"{info['arch']} on CIFAR-10: {info.get('eval_subset', str(info['eval_images']) + ' test images')} "
              f"(calibration: {info['calib_images']} train images, seed {info['seed']}; {info['device']})",
              "| setting | preset | top-1 (%) | drop vs float (pts) | BOPs vs INT8 |",
              "|---|---|---|---|---|",

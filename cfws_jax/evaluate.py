@@ -62,16 +62,18 @@ def pad_batch(images, labels, batch_size: int):
 
 
 def evaluate_classifier(apply_fn, source, *, batch_size: int = 64, limit: int | None = None,
-                        progress: bool = True, mesh=None) -> dict:
-    """Top-1 / top-5 accuracy of ``apply_fn`` over ``source`` (first ``limit`` images).
+                        progress: bool = True, mesh=None, subset: str = "balanced") -> dict:
+    """Top-1 / top-5 accuracy of ``apply_fn`` over ``limit`` images of ``source`` (all when None):
+    stratified by label (``subset="balanced"``, :func:`cfws_jax.data.source.subset_indices`) or the
+    source's first images (``"first"``).
 
     ``mesh``: a :func:`cfws_jax.parallel.local_mesh` (or a device count) to run data parallel:
     every batch (``batch_size`` rounded up to a multiple of the device count) is sharded over
     the devices, a ``jax.tree_util.Partial``'s arrays are replicated; counts are exact integers
     reduced over the devices, padding rows masked out.
 
-    Returns ``{"top1": float, "top5": float | None, "images": int}`` with accuracies as fractions
-    in [0, 1]. ``top5`` is None when the model has fewer than 5 classes. A ValueError is raised
+    Returns ``{"top1": float, "top5": float | None, "images": int, "subset": str}`` with
+    accuracies as fractions in [0, 1] and ``subset`` one line saying which images were used. ``top5`` is None when the model has fewer than 5 classes. A ValueError is raised
     when the source has more classes than the model outputs or holds no images.
     """
     total = source.count(limit)
@@ -110,7 +112,7 @@ def evaluate_classifier(apply_fn, source, *, batch_size: int = 64, limit: int | 
 
     pending = None
     try:
-        for images, labels in source.iter_batches(batch_size, limit):
+        for images, labels in source.iter_batches(batch_size, limit, subset):
             out = step(*put(*pad_batch(images, labels, batch_size)))  # dispatched asynchronously
             if pending is not None:
                 collect(*pending)  # the previous batch, while this one runs
@@ -121,4 +123,14 @@ def evaluate_classifier(apply_fn, source, *, batch_size: int = 64, limit: int | 
         bar.close()
     n = counts["n"]
     return {"top1": counts["c1"] / n, "top5": counts["c5"] / n if num_logits >= 5 else None,
-            "images": n}
+            "images": n, "subset": subset_description(source, limit, subset)}
+
+
+def subset_description(source, limit: int | None, subset: str = "balanced") -> str:
+    """``"1000 of 10000 test images, 100 per class"``: which images ``limit`` / ``subset`` select."""
+    from cfws_jax.data.source import describe_subset
+
+    labels = source.known_labels() if hasattr(source, "known_labels") else None
+    split = getattr(source, "split", None)
+    return describe_subset(source.subset(limit, subset), source.num_images, labels,
+                           f"{split} images" if split else "images")

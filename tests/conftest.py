@@ -54,17 +54,26 @@ def numpy_init(model, input_shape, seed: int = 0, **kwargs):
 
 class MemorySource:
     """The minimal evaluation source ``cfws_jax.evaluate.evaluate_classifier`` reads: in-memory
-    NHWC images ``x`` and labels ``y``, batches in order."""
+    NHWC images ``x`` and labels ``y``; a limit picks images as the real sources do."""
 
     spec, split, num_classes = "memory", "test", 10
 
     def __init__(self, x, y):
         self.x, self.y = x, y
+        self.num_images = len(y)
 
     def count(self, limit=None):
         return len(self.y) if limit is None else min(limit, len(self.y))
 
-    def iter_batches(self, batch_size, limit=None):
-        n = self.count(limit)
-        for s in range(0, n, batch_size):
-            yield self.x[s:min(s + batch_size, n)], self.y[s:min(s + batch_size, n)]
+    def known_labels(self):
+        return self.y
+
+    def subset(self, limit=None, subset="balanced"):
+        from cfws_jax.data.source import subset_indices
+
+        return subset_indices(len(self.y), self.count(limit), self.y, subset)
+
+    def iter_batches(self, batch_size, limit=None, subset="balanced"):
+        idx = self.subset(limit, subset)
+        for s in range(0, len(idx), batch_size):
+            yield self.x[idx[s:s + batch_size]], self.y[idx[s:s + batch_size]]

@@ -152,7 +152,7 @@ def gt_apply_fn(src: CocoSource, limit: int, rows: int = 64, score: float = 0.9)
     import jax.numpy as jnp
 
     cls_of = {c: i for i, c in enumerate(COCO80_TO_COCO91)}
-    canvases, infos, ids = src.load(np.arange(limit))
+    canvases, infos, ids = src.load(src.subset(limit))
     table = {}
     for canvas, info, image_id in zip(canvases, infos, ids):
         out = np.zeros((rows, 85), np.float32)
@@ -189,7 +189,9 @@ def test_pipeline_on_fake_detector(coco_src):
 
     limit = 10
     res = evaluate_detector(gt_apply_fn(coco_src, limit), coco_src, batch_size=4, limit=limit, progress=False)
-    ids = coco_src.image_ids[:limit].tolist()
+    sel = np.floor((np.arange(limit) + 0.5) * coco_src.num_images / limit).astype(int)  # evenly spaced
+    ids = coco_src.image_ids[sel].tolist()
+    assert res["subset"] == f"{limit} of {coco_src.num_images} images, evenly spaced"
     assert res["images"] == limit and res["detections"] == len(res["results"]) > 0
     assert res["mAP"] > 0.95 and res["mAP50"] > 0.95
     stats = direct_stats(coco_src.coco, res["results"], ids)
@@ -233,7 +235,7 @@ def test_cli_detect_fake_model(coco_src, monkeypatch, capsys, tmp_path):
     rc, out, err = run_cli(base + ["--json", "--results-json", str(out_json)], capsys)
     assert rc == 0, err
     doc = json.loads(out.strip().splitlines()[-1])
-    assert set(doc) == {"mAP", "mAP50", "stats", "images", "detections", "devices"} and doc["images"] == 4
+    assert set(doc) == {"mAP", "mAP50", "stats", "images", "detections", "subset", "devices"} and doc["images"] == 4
     import jax
 
     assert doc["devices"] == [str(d) for d in jax.local_devices()] and "devices: " in err

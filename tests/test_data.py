@@ -136,7 +136,7 @@ def test_folder_source_labels_order_and_values(tmp_path):
         np.testing.assert_allclose(images[i], ref, atol=2e-6)
     # deterministic, threads or not, and limit
     serial = open_source(str(tmp_path / "val"), split="val", num_workers=0)
-    x, y = next(serial.iter_batches(6, limit=3))
+    x, y = next(serial.iter_batches(6, limit=3, subset="first"))
     np.testing.assert_array_equal(x, images[:3])
     np.testing.assert_array_equal(y, labels[:3])
 
@@ -316,7 +316,7 @@ def test_real_cifar_npz_test_split(shared_data):
     src = open_source(str(path), split="test")
     assert (src.num_images, src.num_classes, src.image_size) == (10000, 10, (32, 32))
     assert src.class_names[0] == "airplane" and src.class_names[-1] == "truck"
-    batches = list(src.iter_batches(128, limit=300))
+    batches = list(src.iter_batches(128, limit=300, subset="first"))
     assert [len(b[1]) for b in batches] == [128, 128, 44]
     x = np.concatenate([b[0] for b in batches])
     y = np.concatenate([b[1] for b in batches])
@@ -381,7 +381,7 @@ def test_tfds_source_with_fake_module(monkeypatch):
     src = open_source("tfds:cifar10", split="val")  # no validation split -> test
     assert (src.num_images, src.num_classes, src.image_size) == (7, 10, (8, 8))
     assert src.normalization is CIFAR10
-    got = list(src.iter_batches(3, limit=5))
+    got = list(src.iter_batches(3, limit=5, subset="first"))
     assert [len(b[1]) for b in got] == [3, 2] and mod.calls[-1] == "test[:5]"
     x = np.concatenate([b[0] for b in got])
     np.testing.assert_allclose(x, ref_normalize(images["test"][:5], CIFAR10.mean, CIFAR10.std), atol=2e-6)
@@ -403,3 +403,53 @@ def test_tfds_source_with_fake_module(monkeypatch):
         open_source("tfds:imagenet2012", split="val")  # no validation split prepared here... test neither
     with pytest.raises(ValueError, match="tfds:nosuch"):
         open_source("tfds:nosuch")
+
+
+# ----------------------------------------------------------------------------- evaluation subsets
+
+def ref_subset(labels, n):
+    """Slow reference of the balanced rule: per-class quota by largest remainder, evenly spaced."""
+    labels = list(labels)
+    classes = sorted(set(labels))
+    members = {c: [i for i, v in enumerate(labels) if v == c] for c in classes}
+    quota = {c: n * len(members[c]) / len(labels) for c in classes}
+    take = {c: int(quota[c]) for c in classes}
+    for c in sorted(classes, key=lambda c: (-(quota[c] - take[c]), c))[:n - sum(take.values())]:
+        take[c] += 1
+    return sorted(members[c][int((j + 0.5) * len(members[c]) / take[c])] for c in classes for j in range(take[c]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_subset_indices_balanced_matches_reference(seed):
+    from cfws_jax.data.source import subset_indices
+
+    rng = np.random.default_rng(seed)
+    labels = np.sort(rng.integers(0, rng.integers(2, 12), size=int(rng.integers(20, 300))))  # sorted by class
+    for n in (0, 1, 7, len(labels) // 3, len(labels) - 1, len(labels)):
+        got = subset_indices(len(labels), n, labels, "balanced")
+        assert got.tolist() == (ref_subset(labels, n) if n < len(labels) else list(range(n)))
+        assert len(set(got.tolist())) == n
+    np.testing.assert_array_equal(subset_indices(len(labels), 5, labels, "first"), np.arange(5))
+
+
+def test_subset_sorted_cifar_like_source_is_balanced_and_described():
+    from cfws_jax.data.npz import ArraySource
+    from cfws_jax.data.source import describe_subset
+
+    y = np.repeat(np.arange(10), 100)  # sorted by class, like the shared CIFAR-10 npz
+    src = ArraySource(np.zeros((1000, 2, 2, 3), np.uint8), y, spec="mem", split="test", num_classes=10,
+                      normalization=CIFAR10)
+    labels = np.concatenate([b[1] for b in src.iter_batches(64, limit=100)])
+    assert np.bincount(labels).tolist() == [10] * 10  # the first 100 would all be class 0
+    assert np.concatenate([b[1] for b in src.iter_batches(64, limit=100, subset="first")]).tolist() == [0] * 100
+    assert describe_subset(src.subset(100), 1000, y, "test images") == "100 of 1000 test images, 10 per class"
+    assert describe_subset(src.subset(95), 1000, y) == "95 of 1000 images, 9-10 per class"
+    assert describe_subset(src.subset(None), 1000, y) == "all 1000 images"
+    assert describe_subset(src.subset(10, "first"), 1000, None) == "10 of 1000 images, the first ones"
+    # without labels: evenly spaced over the whole source
+    from cfws_jax.data.source import subset_indices
+
+    np.testing.assert_array_equal(subset_indices(1000, 4, None), [125, 375, 625, 875])
+    assert describe_subset([125, 375, 625, 875], 1000) == "4 of 1000 images, evenly spaced"
+    with pytest.raises(ValueError, match="subset rule"):
+        subset_indices(10, 3, None, "random")

@@ -77,12 +77,13 @@ def test_pad_batch():
 def test_evaluate_vs_reference_one_compile(n, bs, limit):
     logits, labels = tie_heavy_logits(n, 8, n + bs)
     apply_fn, traces = counting_identity()
-    res = evaluate_classifier(apply_fn, LogitSource(logits, labels), batch_size=bs, limit=limit,
-                              progress=False)
+    src = LogitSource(logits, labels)
+    res = evaluate_classifier(apply_fn, src, batch_size=bs, limit=limit, progress=False)
     m = n if limit is None else min(limit, n)
+    sel = np.floor((np.arange(m) + 0.5) * n / m).astype(int)  # no known labels: evenly spaced
     assert res["images"] == m
-    assert res["top1"] == ref_hits(logits[:m], labels[:m], 1).sum() / m
-    assert res["top5"] == ref_hits(logits[:m], labels[:m], 5).sum() / m
+    assert res["top1"] == ref_hits(logits[sel], labels[sel], 1).sum() / m
+    assert res["top5"] == ref_hits(logits[sel], labels[sel], 5).sum() / m
     assert traces == [(bs, 1, 1, 8)]  # padded last batch: exactly one trace / compilation
 
 
@@ -136,12 +137,32 @@ def gather_model(x):
     return x[:, ROWS, COLS, 0]
 
 
-def ref_from_npz(path, limit):
-    """Reference counts straight from the uint8 arrays: normalization is monotonic per channel."""
+def ref_from_npz(path, limit, first=False):
+    """Reference counts straight from the uint8 arrays: normalization is monotonic per channel.
+    ``limit`` images: the first ones, or per class (largest-remainder quota, evenly spaced)."""
     with np.load(path) as z:
-        x, y = z["x_test"][:limit], z["y_test"][:limit]
+        x, y = z["x_test"], z["y_test"]
+    if limit is not None and limit < len(y):
+        sel = np.arange(limit) if first else ref_balanced(y, limit)
+        x, y = x[sel], y[sel]
     vals = x[:, ROWS, COLS, 0].astype(np.int64)
     return ref_hits(vals, y, 1).sum() / len(y), ref_hits(vals, y, 5).sum() / len(y), len(y)
+
+
+def ref_balanced(y, n):
+    """Slow stratified pick: class quota n*m_c/N by largest remainder, then evenly spaced members."""
+    classes = sorted(set(y.tolist()))
+    sizes = [int((y == c).sum()) for c in classes]
+    quota = [n * m / len(y) for m in sizes]
+    take = [int(np.floor(q)) for q in quota]
+    order = sorted(range(len(classes)), key=lambda i: (-(quota[i] - take[i]), i))
+    for i in order[:n - sum(take)]:
+        take[i] += 1
+    picked = []
+    for c, m, k in zip(classes, sizes, take):
+        members = [i for i in range(len(y)) if y[i] == c]
+        picked += [members[int((j + 0.5) * m / k)] for j in range(k)]
+    return np.array(sorted(picked))
 
 
 def make_npz(path, n=45):
@@ -177,13 +198,23 @@ def test_eval_command_json_with_injected_model(tmp_path, capsys, monkeypatch):
     res = json.loads(out.strip().splitlines()[-1])
     top1, top5, n = ref_from_npz(data, 30)
     devices = [str(d) for d in jax.local_devices()]
-    assert res == {"top1": top1, "top5": top5, "images": n, "devices": devices}
+    y = np.load(data)["y_test"]
+    picked = y[ref_balanced(y, 30)]
+    counts = [int((picked == c).sum()) for c in sorted(set(y.tolist()))]  # every class present in the split
+    per = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    assert res == {"top1": top1, "top5": top5, "images": n, "devices": devices,
+                   "subset": f"30 of 45 test images, {per} per class"}
+    rc, out, err = run_cli(["eval", "--arch", "tiny", "--params", str(tmp_path), "--data", str(data),
+                            "--split", "test", "--limit", "30", "--first", "--json", "--no-progress"], capsys)
+    top1, top5, n = ref_from_npz(data, 30, first=True)
+    res = json.loads(out.strip().splitlines()[-1])
+    assert (res["top1"], res["top5"], res["images"]) == (top1, top5, n)
     assert len(out.strip().splitlines()) == 1 and "d.npz" in err  # other output on stderr
     assert f"devices: {len(devices)} device" in err and devices[0] in err
     rc, out, _ = run_cli(["eval", "--arch", "tiny", "--quantized", "q", "--data", str(data),
                           "--no-progress"], capsys)
     top1, _, n = ref_from_npz(data, None)
-    assert rc == 0 and seen["quantized"] == "q" and f"top-1 {100 * top1:.2f}%" in out and f"({n} images)" in out
+    assert rc == 0 and seen["quantized"] == "q" and f"top-1 {100 * top1:.2f}%" in out and f"(all {n} val images)" in out
 
 
 def test_eval_command_float_params_path(tmp_path, capsys, monkeypatch):
@@ -210,7 +241,7 @@ def test_eval_command_float_params_path(tmp_path, capsys, monkeypatch):
     top1, top5, n = ref_from_npz(data, None)
     doc = json.loads(out.splitlines()[-1])
     assert rc == 0 and doc.pop("devices") == [str(d) for d in jax.local_devices()]
-    assert doc == {"top1": top1, "top5": top5, "images": n}
+    assert doc == {"top1": top1, "top5": top5, "images": n, "subset": f"all {n} val images"}
     assert calls[0] == (True, {})
     meta["form"] = "train"
     rc, out, _ = run_cli(argv, capsys)
@@ -232,7 +263,7 @@ def test_eval_command_quantized_path(tmp_path, capsys, monkeypatch):
     top1, top5, n = ref_from_npz(data, None)
     doc = json.loads(out.splitlines()[-1])
     assert rc == 0 and doc.pop("devices") == [str(d) for d in jax.local_devices()]
-    assert doc == {"top1": top1, "top5": top5, "images": n}
+    assert doc == {"top1": top1, "top5": top5, "images": n, "subset": f"all {n} val images"}
     qmodel.arch = "repvgg_a0"
     rc, _, err = run_cli(argv, capsys)
     assert rc == 1 and "disagrees" in err and "repvgg_a0" in err

@@ -17,7 +17,8 @@ def register(sub) -> None:
     p.add_argument("--data", metavar="SRC", default=None,
                    help="CIFAR-10 .npz (x_train/y_train/x_test/y_test) or image folder; default: tfds:cifar10")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--limit", type=int, default=1000, help="evaluate the first N test images (default 1000)")
+    g.add_argument("--limit", type=int, default=1000,
+                   help="evaluate N test images, stratified by class (default 1000: 100 per class)")
     g.add_argument("--full", action="store_true", help="evaluate the whole test split")
     p.add_argument("--num-calib", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")

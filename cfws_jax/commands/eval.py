@@ -1,12 +1,15 @@
 """``cfws-jax eval``: top-1 / top-5 accuracy of a float or quantized classifier.
 
     cfws-jax eval --arch ARCH (--params DIR | --quantized QDIR [--integer [--requant fixed]]) --data SRC
-                  [--split S] [--limit N] [--batch-size B] [--protocol P] [--image-size N] [--json]
+                  [--split S] [--limit N [--first]] [--batch-size B] [--protocol P] [--image-size N] [--json]
 
 ``--integer`` runs a quantized model in integer arithmetic (:mod:`cfws_jax.ptq.integer_runtime`;
 also with ``--task detect``) and prints the same table.
 
-With ``--json`` the last stdout line is ``{"top1": ..., "top5": ..., "images": ..., "devices": [...]}``
+``--limit N`` takes N images that represent the source (stratified by class where labels are known,
+else evenly spaced; ``--first``: the first N) and the result names them ("1000 of 10000 test images,
+100 per class"). With ``--json`` the last stdout line is
+``{"top1": ..., "top5": ..., "images": ..., "subset": ..., "devices": [...]}``
 and everything else goes to stderr. ``--devices N``: data parallel on the first N local devices
 (default all; the device count and list are printed on stderr).
 
@@ -14,7 +17,7 @@ and everything else goes to stderr. ``--devices N``: data parallel on the first 
                   --annotations instances.json [--limit N] [--conf 0.03] [--iou 0.65]
                   [--image-size 640] [--load-size L] [--results-json FILE] [--json]
 
-prints the 12 COCO bbox numbers (``--json``: ``{"mAP", "mAP50", "stats", "images", "detections"}``);
+prints the 12 COCO bbox numbers (``--json``: ``{"mAP", "mAP50", "stats", "images", "detections", "subset"}``);
 see :func:`run_detect`.
 """
 
@@ -35,7 +38,13 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, metavar="SRC",
                    help="image folder (class per sub-folder), CIFAR-style .npz, or tfds:NAME")
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate N images that represent the source: stratified by class where labels "
+                   "are known (npz, class sub-folders), else evenly spaced (COCO folders, tfds); "
+                   "the line printed with the result says which")
+    p.add_argument("--first", action="store_true",
+                   help="with --limit: take the source's first N images instead (biased when the source "
+                   "is sorted by class, as CIFAR npz files are)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--protocol", default="resize_crop", choices=("resize_crop", "direct"),
                    help="resize_crop: short side 256 + centre crop 224; direct: resize to 224x224")
@@ -154,13 +163,20 @@ def run(args) -> int:
     print(f"data: {src.describe()}", file=log)
     apply_fn = build_apply_fn(args.arch, params=args.params, quantized=args.quantized, **_integer_kwargs(args))
     res = evaluate_classifier(apply_fn, src, batch_size=args.batch_size, limit=args.limit,
-                              progress=not args.no_progress, mesh=mesh)
+                              progress=not args.no_progress, mesh=mesh, subset=_subset(args))
     if args.json:
         print(json.dumps({**res, "devices": device_list(mesh)}))
     else:
         top5 = "n/a" if res["top5"] is None else f"{100 * res['top5']:.2f}%"
-        print(f"{args.arch}: top-1 {100 * res['top1']:.2f}%  top-5 {top5}  ({res['images']} images)")
+        print(f"{args.arch}: top-1 {100 * res['top1']:.2f}%  top-5 {top5}  ({res['subset']})")
     return 0
+
+
+def _subset(args) -> str:
+    """The subset rule of ``--limit``: ``"first"`` with ``--first``, else ``"balanced"``."""
+    if getattr(args, "first", False) and args.limit is None:
+        raise ValueError("--first needs --limit N")
+    return "first" if getattr(args, "first", False) else "balanced"
 
 
 def _recorded_arch(name: str, folder) -> str:
@@ -214,14 +230,15 @@ def run_detect(args) -> int:
     apply_fn = build_apply_fn(args.arch, params=args.params, quantized=args.quantized, **_integer_kwargs(args))
     batch = max(1, min(args.batch_size, src.count(args.limit)))  # pad no further than the images there are
     res = evaluate_detector(apply_fn, src, batch_size=batch, limit=args.limit,
-                            progress=not args.no_progress, conf=args.conf, iou=args.iou, mesh=mesh)
+                            progress=not args.no_progress, conf=args.conf, iou=args.iou, mesh=mesh,
+                            subset=_subset(args))
     if results_path:
         write_file_atomic(results_path, json.dumps(res["results"]), overwrite=args.overwrite, flag="--results-json")
         print(f"wrote {res['detections']} detections to {results_path}", file=log)
     print(f"{args.arch}: COCO bbox mAP@.5:.95 {100 * res['mAP']:.2f}  mAP@.5 {100 * res['mAP50']:.2f}  "
-          f"({res['images']} images, {res['detections']} detections, conf {args.conf}, IoU {args.iou})", file=log)
+          f"({res['subset']}, {res['detections']} detections, conf {args.conf}, IoU {args.iou})", file=log)
     print(format_stats(res["stats"]), file=log)
     if args.json:
-        print(json.dumps({**{k: res[k] for k in ("mAP", "mAP50", "stats", "images", "detections")},
+        print(json.dumps({**{k: res[k] for k in ("mAP", "mAP50", "stats", "images", "detections", "subset")},
                           "devices": device_list(mesh)}))
     return 0

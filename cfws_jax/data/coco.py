@@ -17,7 +17,7 @@ import numpy as np
 
 from cfws_jax.data.errors import DataError
 from cfws_jax.data.preprocess import UNIT, load_image
-from cfws_jax.data.source import ImageSource, _check_batch_size, check_split, limited_count
+from cfws_jax.data.source import ImageSource, _check_batch_size, check_split, limited_count, subset_indices
 from cfws_jax.detection.letterbox import DEFAULT_SIZE, LetterboxInfo, letterbox
 
 
@@ -155,12 +155,17 @@ class CocoSource:
         canvases = np.stack([c for c, _ in out]) if out else np.zeros((0, s, s, 3), np.uint8)
         return canvases, [info for _, info in out], self.image_ids[idx]
 
-    def iter_batches(self, batch_size: int, limit: int | None = None) -> Iterator[tuple]:
-        """Consecutive batches in file-name order; the last may be smaller."""
+    def subset(self, limit: int | None = None, subset: str = "balanced") -> np.ndarray:
+        """Indices (file-name order) of the ``limit`` images evaluated: evenly strided over the
+        folder (``"balanced"``) or the first ones (``"first"``); see :func:`subset_indices`."""
+        return subset_indices(self.num_images, self.count(limit), None, subset)
+
+    def iter_batches(self, batch_size: int, limit: int | None = None, subset: str = "balanced") -> Iterator[tuple]:
+        """Batches of :meth:`subset` in file-name order; the last may be smaller."""
         batch_size = _check_batch_size(batch_size)
-        n = self.count(limit)
-        for start in range(0, n, batch_size):
-            yield self.load(np.arange(start, min(start + batch_size, n)))
+        idx = self.subset(limit, subset)
+        for start in range(0, len(idx), batch_size):
+            yield self.load(idx[start:start + batch_size])
 
     def describe(self) -> str:
         load = f", long side {self.load_size}" if self.load_size else ""

@@ -15,6 +15,7 @@ import numpy as np
 from cfws_jax.data.preprocess import Normalization
 
 SPLITS = ("train", "val", "test")
+SUBSETS = ("balanced", "first")  # how ``limit`` picks images: see :func:`subset_indices`
 
 
 def check_split(split: str, where) -> str:
@@ -52,13 +53,23 @@ class ImageSource:
         """Number of images ``iter_batches(.., limit)`` yields: ``min(limit, num_images)``."""
         return limited_count(self.num_images, limit, self.spec)
 
-    def iter_batches(self, batch_size: int, limit: int | None = None
+    def known_labels(self) -> np.ndarray | None:
+        """int32 ``[num_images]`` labels when they are known without decoding images, else None."""
+        labels = getattr(self, "labels", None)
+        return None if labels is None else np.asarray(labels)
+
+    def subset(self, limit: int | None = None, subset: str = "balanced") -> np.ndarray:
+        """The source indices ``iter_batches(.., limit, subset)`` visits (:func:`subset_indices`)."""
+        return subset_indices(self.num_images, self.count(limit), self.known_labels(), subset)
+
+    def iter_batches(self, batch_size: int, limit: int | None = None, subset: str = "balanced"
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Consecutive batches in source order; the last one may be smaller than ``batch_size``."""
+        """Batches of the ``limit`` images :meth:`subset` picks, in source order; the last one may be
+        smaller than ``batch_size``. ``limit=None``: every image."""
         batch_size = _check_batch_size(batch_size)
-        n = self.count(limit)
-        for start in range(0, n, batch_size):
-            yield self.load(np.arange(start, min(start + batch_size, n)))
+        idx = self.subset(limit, subset)
+        for start in range(0, len(idx), batch_size):
+            yield self.load(idx[start:start + batch_size])
 
     def describe(self) -> str:
         h, w = self.image_size
@@ -116,3 +127,54 @@ def limited_count(num_images: int, limit: int | None, spec: str) -> int:
     if int(limit) < 0:
         raise ValueError(f"{spec}: limit must be >= 0, got {limit}")
     return min(int(limit), num_images)
+
+
+def subset_indices(num_images: int, n: int, labels=None, subset: str = "balanced") -> np.ndarray:
+    """Sorted int64 indices of the ``n`` images an evaluation with a limit visits.
+
+    * ``"first"``: ``0 .. n-1``, the source's first images (biased when the source is sorted by
+      class, as the shared CIFAR-10 npz is).
+    * ``"balanced"`` with ``labels`` (int ``[num_images]``, all >= 0): stratified by label. Class c
+      with ``m_c`` images gets ``n * m_c / num_images`` rounded by largest remainder (ties to the
+      lower label), taken evenly spaced within the class: its ``j``-th pick is the class's image
+      ``floor((j + 0.5) * m_c / n_c)`` in source order.
+    * ``"balanced"`` without labels (or with any negative label): evenly strided over the whole
+      source, image ``floor((j + 0.5) * num_images / n)``.
+
+    Deterministic: no seed, the same indices on every machine.
+    """
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown subset rule {subset!r}; expected one of {SUBSETS}")
+    n = int(n)
+    if not 0 <= n <= num_images:
+        raise ValueError(f"cannot take {n} of {num_images} images")
+    if subset == "first" or n == num_images:
+        return np.arange(n, dtype=np.int64)
+    if labels is None or len(labels) != num_images or (len(labels) and np.min(labels) < 0):
+        return ((np.arange(n) + 0.5) * num_images / n).astype(np.int64)
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / num_images
+    take = np.floor(quota).astype(np.int64)
+    extra = np.argsort(-(quota - take), kind="stable")[: n - int(take.sum())]
+    take[extra] += 1
+    picked = []
+    for c, m, k in zip(classes, counts, take):
+        members = np.flatnonzero(labels == c)
+        picked.append(members[((np.arange(k) + 0.5) * m / k).astype(np.int64)] if k else members[:0])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def describe_subset(indices, num_images: int, labels=None, what: str = "images") -> str:
+    """One line such as ``"1000 of 10000 test images, 100 per class"`` (or ``"… 98-102 per class"``,
+    ``"… evenly spaced"``, ``"all 10000 …"``)."""
+    idx = np.asarray(indices)
+    if len(idx) == num_images:
+        return f"all {num_images} {what}"
+    head = f"{len(idx)} of {num_images} {what}"
+    if labels is None or len(labels) != num_images or (len(labels) and np.min(labels) < 0):
+        return head + (", the first ones" if len(idx) and idx[-1] == len(idx) - 1 else ", evenly spaced")
+    counts = np.bincount(np.asarray(labels)[idx], minlength=int(np.max(labels)) + 1)
+    counts = counts[np.isin(np.arange(len(counts)), np.unique(labels))]
+    per = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+    return f"{head}, {per} per class"

@@ -100,14 +100,23 @@ class TfdsSource(ImageSource):
                 got[i] = ex
         return self._batch([got[i] for i in idx.tolist()])
 
-    def iter_batches(self, batch_size: int, limit: int | None = None):
+    def known_labels(self):
+        return None  # tfds labels come with the images: a balanced subset is evenly strided
+
+    def iter_batches(self, batch_size: int, limit: int | None = None, subset: str = "balanced"):
+        """Streams the split once; ``subset`` as :meth:`ImageSource.subset` (evenly strided when balanced)."""
         batch_size = _check_batch_size(batch_size)
-        n = self.count(limit)
+        idx = self.subset(limit, subset)
+        n = len(idx)
         if n == 0:
             return
-        expr = self.tfds_split if n == self.num_images else f"{self.tfds_split}[:{n}]"
+        first = n == self.num_images or subset == "first"
+        expr = self.tfds_split if n == self.num_images else f"{self.tfds_split}[:{int(idx[-1]) + 1}]"
+        wanted = None if first else set(idx.tolist())
         buf = []
-        for ex in self._read(expr):
+        for i, ex in enumerate(self._read(expr)):
+            if wanted is not None and i not in wanted:
+                continue
             buf.append(ex)
             if len(buf) == batch_size:
                 yield self._batch(buf)

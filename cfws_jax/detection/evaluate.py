@@ -19,6 +19,7 @@ import numpy as np
 from cfws_jax.detection.coco import class_to_category, coco_evaluate, to_coco_results
 from cfws_jax.detection.letterbox import scale_boxes
 from cfws_jax.detection.nms import CONF_THRES, IOU_THRES, MAX_DET, MAX_NMS, nms
+from cfws_jax.data.source import describe_subset
 from cfws_jax.progress import Progress
 
 
@@ -60,12 +61,14 @@ def detect_batch(preds, infos, image_ids, cat_map, *, conf: float = CONF_THRES, 
 
 def evaluate_detector(apply_fn, source, *, batch_size: int = 32, limit: int | None = None,
                       progress: bool = True, conf: float = CONF_THRES, iou: float = IOU_THRES,
-                      max_det: int = MAX_DET, max_nms: int = MAX_NMS, log=None, mesh=None) -> dict:
-    """COCO bbox mAP of ``apply_fn`` on the first ``limit`` images of a
-    :class:`cfws_jax.data.coco.CocoSource` (COCOeval restricted to those image ids).
+                      max_det: int = MAX_DET, max_nms: int = MAX_NMS, log=None, mesh=None,
+                      subset: str = "balanced") -> dict:
+    """COCO bbox mAP of ``apply_fn`` on ``limit`` images of a :class:`cfws_jax.data.coco.CocoSource`
+    (COCOeval restricted to those image ids): evenly strided over the folder (``subset="balanced"``)
+    or the first ones in file-name order (``"first"``); all images when ``limit`` is None.
 
     Returns ``{"mAP", "mAP50", "stats": {12 COCO numbers}, "images", "detections",
-    "results": [COCO result dicts]}``. pycocotools' printout goes to ``log`` (or is dropped).
+    "results": [COCO result dicts], "subset": one line saying which images}``. pycocotools' printout goes to ``log`` (or is dropped).
     ``mesh``: a :func:`cfws_jax.parallel.local_mesh` (or a device count): the forward runs data
     parallel (``batch_size`` rounded up to a multiple of the device count, batches sharded, a
     ``Partial``'s arrays replicated); NMS and scoring stay on the host, padding rows dropped.
@@ -73,7 +76,8 @@ def evaluate_detector(apply_fn, source, *, batch_size: int = 32, limit: int | No
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batch_size = int(batch_size)
-    total = source.count(limit)
+    chosen = source.subset(limit, subset)
+    total = len(chosen)
     if total == 0:
         raise ValueError(f"{source.spec}: no images to evaluate")
     put = lambda a: a  # noqa: E731
@@ -102,7 +106,7 @@ def evaluate_detector(apply_fn, source, *, batch_size: int = 32, limit: int | No
                                     max_det=max_det, max_nms=max_nms, pool=nms_pool))
         bar.update(len(ids))
 
-    load = lambda s: source.load(np.arange(s, min(s + batch_size, total)))  # noqa: E731
+    load = lambda s: source.load(chosen[s:s + batch_size])  # noqa: E731
     pending = None
     try:
         with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1) - 1))) as nms_pool:
@@ -118,5 +122,6 @@ def evaluate_detector(apply_fn, source, *, batch_size: int = 32, limit: int | No
             collect(*pending)
     finally:
         bar.close()
-    res = coco_evaluate(source.coco, results, img_ids=source.image_ids[:total], log=log)
-    return {**res, "images": total, "detections": len(results), "results": results}
+    res = coco_evaluate(source.coco, results, img_ids=source.image_ids[chosen], log=log)
+    return {**res, "images": total, "detections": len(results), "results": results,
+            "subset": describe_subset(chosen, source.num_images)}
