@@ -100,7 +100,7 @@ def test_golden_checksum():
     assert digest == GOLDEN
 
 
-GOLDEN = "a82f2da1b845196e34ee164334de682e64f450695ebde80e6faf1636183c2c9c"
+GOLDEN = "50328947d13d4d102e1d3cf28f045aa0833dd57684cabb83c23caa7b8efe1e89"
 
 
 # ----------------------------------------------------------------------------- content

@@ -164,14 +164,9 @@ def _check_arrays(images, labels) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- pixels
 
 
-def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize of uint8 ``[h, w, c]`` to uint8 ``[out_h, out_w, c]``, pure NumPy.
-
-    Half-pixel centres (source ``(x + 0.5) * w / out_w - 0.5``, clamped at the borders), no
-    antialiasing, float64 arithmetic, round half to even: the same bytes on every machine.
-    """
-    img = np.asarray(image)
-    h, w = img.shape[:2]
+def _bilinear(f: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """float64 ``[h, w, c]`` -> float64 ``[out_h, out_w, c]`` (see :func:`resize_bilinear`)."""
+    h, w = f.shape[:2]
 
     def axis(n_in, n_out):
         src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
@@ -182,27 +177,37 @@ def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
     y0, y1, wy = axis(h, out_h)
     x0, x1, wx = axis(w, out_w)
-    f = img.astype(np.float64)
     rows = f[y0] * (1.0 - wy)[:, None, None] + f[y1] * wy[:, None, None]
-    out = rows[:, x0] * (1.0 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+    return rows[:, x0] * (1.0 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+
+
+def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize of uint8 ``[h, w, c]`` to uint8 ``[out_h, out_w, c]``, pure NumPy.
+
+    Half-pixel centres (source ``(x + 0.5) * w / out_w - 0.5``, clamped at the borders), no
+    antialiasing, float64 arithmetic, round half to even: the same bytes on every machine.
+    """
+    out = _bilinear(np.asarray(image).astype(np.float64), out_h, out_w)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _background(rng: np.random.Generator, s: int, noise: float) -> np.ndarray:
     """Procedural uint8 ``[s, s, 3]``: a low-frequency colour field (a 2..5-cell grid of random
-    colours, bilinearly upsampled), 0..3 soft-edged ellipses of random colour, uniform noise."""
+    colours) with 0..3 soft-edged ellipses of random colour, drawn at 1/4 resolution and
+    bilinearly upsampled, plus uniform pixel noise of amplitude ``noise``."""
     g = 2 + int(rng.random() * 4)
-    grid = (rng.random((g, g, 3)) * 255.0).round().astype(np.uint8)
-    bg = resize_bilinear(grid, s, s).astype(np.float64)
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float64) + 0.5
+    low = s // 4
+    bg = _bilinear(rng.random((g, g, 3)) * 255.0, low, low)
+    yy, xx = np.mgrid[0:low, 0:low].astype(np.float64) + 0.5
     for _ in range(int(rng.random() * 4)):
         cx, cy, rx, ry, alpha = rng.random(5)
-        cx, cy = cx * s, cy * s
-        rx, ry = (0.05 + 0.3 * rx) * s, (0.05 + 0.3 * ry) * s
+        cx, cy = cx * low, cy * low
+        rx, ry = (0.05 + 0.3 * rx) * low, (0.05 + 0.3 * ry) * low
         colour = rng.random(3) * 255.0
         d = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2
         a = (0.3 + 0.5 * alpha) * np.clip((1.0 - d) * 4.0, 0.0, 1.0)  # soft edge
         bg += a[..., None] * (colour - bg)
+    bg = _bilinear(bg, s, s)
     if noise:
         bg += (rng.random((s, s, 3)) * 2.0 - 1.0) * noise
     return np.clip(np.rint(bg), 0, 255).astype(np.uint8)
