@@ -327,3 +327,36 @@ def test_shared_cifar_scenes(shared_data):
     assert b["images"].shape == (16, 256, 256, 3) and b["mask"].sum() >= 16
     sources = [p.source for i in range(200) for p in scene_layout(len(xte), i, split="test", seed=0)]
     assert len(set(np.asarray(yte)[sources].tolist())) == 10  # drawn over the whole (class-sorted) split
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_scenes_then_eval_detect(tmp_path, monkeypatch, capsys):
+    """``cfws-jax scenes`` writes a folder that ``cfws-jax eval --task detect`` scores unchanged
+    (a fake 10-class detector emitting the ground truth: mAP 1.0)."""
+    pytest.importorskip("pycocotools")
+    from cfws_jax import cli
+    from cfws_jax.commands import eval as eval_cmd
+    from cfws_jax.data.coco import CocoSource
+
+    x, y = fake_split(n=40)
+    npz = tmp_path / "c.npz"
+    np.savez(npz, x_train=x, y_train=y, x_test=x[::2], y_test=y[::2], classes=np.array(CLASS_NAMES))
+    out = tmp_path / "scenes"
+    argv = ["scenes", "--data", str(npz), "--split", "test", "--count", "6", "--canvas", "64", "--seed", "1",
+            "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "wrote 6 test scenes" in capsys.readouterr().out
+    image_dir, json_path = out / "images", out / "instances.json"
+    _, boxes, _ = make_scene(x[::2], y[::2], 3, split="test", seed=1, cfg=SceneConfig(canvas=64))
+    src = CocoSource(image_dir, json_path, image_size=64)
+    assert len(src.coco.getAnnIds(imgIds=[4])) == len(boxes)
+    assert cli.main(argv) == 1 and "refusing" in capsys.readouterr().err  # never overwrites
+    monkeypatch.setattr(eval_cmd, "build_apply_fn", lambda arch, **kw: gt_detector(src))
+    rc = cli.main(["eval", "--task", "detect", "--arch", "yolov6n_v3", "--params", str(tmp_path), "--data",
+                   str(image_dir), "--annotations", str(json_path), "--image-size", "64", "--batch-size", "4",
+                   "--json", "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    doc = json.loads(cap.out.strip().splitlines()[-1])
+    assert doc["images"] == 6 and doc["mAP"] == 1.0

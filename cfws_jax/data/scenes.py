@@ -65,6 +65,7 @@ SPLIT_IDS = {"train": 0, "test": 1}
 """The ``split_id`` mixed into every scene's seed."""
 
 JPEG_QUALITY = 95
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_DIR = "images"
 ANNOTATIONS_FILE = "instances.json"
 
@@ -144,6 +145,17 @@ def load_cifar_split(npz_path, split: str) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable CIFAR .npz ({type(e).__name__}: {e})") from None
     return x, y
+
+
+def load_class_names(npz_path) -> list[str]:
+    """The ``classes`` array of a CIFAR-style ``.npz`` (read alone), or :data:`CIFAR10_CLASSES`
+    when the file has none."""
+    path = Path(npz_path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return [str(c) for c in z["classes"]] if "classes" in z.files else list(CIFAR10_CLASSES)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: cannot read 'classes' ({type(e).__name__}: {e})") from None
 
 
 def _split_id(split: str) -> int:
