@@ -42,6 +42,18 @@ NumPy versions), and images are resized with a pure-NumPy float64 bilinear resam
 (:func:`resize_bilinear`), so batches can be generated in any order or size, bit-identical on
 every machine. (The JPEGs :func:`write_coco_scenes` writes depend on the JPEG encoder.)
 
+Usage::
+
+    x, y = load_cifar_split("cifar10.npz", "train")          # held-out scenes: "test"
+    cfg = SceneConfig(canvas=128)                               # CPU training
+    for batch in iter_scene_batches(x, y, split="train", seed=0, cfg=cfg, batch_size=32):
+        batch["images"], batch["boxes"], batch["classes"], batch["mask"]
+    write_coco_scenes("held_out/", xt, yt, split="test", seed=0, cfg=cfg, count=1000,
+                      class_names=CIFAR10_CLASSES)              # or: cfws-jax scenes ...
+
+Generation costs about 6-9 ms per 256 px scene and 2-3 ms per 128 px scene (one core of a
+busy 2-core CPU): far below a training step.
+
 Layouts: images uint8 ``[S, S, 3]`` (HWC, RGB); boxes float32 ``[n, 4]`` x1y1x2y2 in canvas
 pixels (integer-valued, ``0 <= x1 < x2 <= S``); classes int32 ``[n]`` (CIFAR label 0..9).
 """
