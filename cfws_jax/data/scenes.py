@@ -357,15 +357,43 @@ def scene_file_name(index: int) -> str:
     return f"scene_{index:07d}.jpg"
 
 
+def scenes_coco_dict(scenes, *, split: str, seed: int, cfg: SceneConfig, start: int, count: int,
+                     class_names) -> dict:
+    """The COCO instances dict of scenes ``start .. start + count - 1``.
+
+    ``scenes``: ``(index, boxes float32 [n, 4] x1y1x2y2, classes int [n])`` of each scene, in
+    index order (as :func:`make_scene` returns them). Images get id ``index + 1``,
+    ``file_name`` :func:`scene_file_name`, width and height ``cfg.canvas``; annotations bbox
+    ``[x, y, w, h]``, area ``w * h``, iscrowd 0, ids ``1..``; categories ids ``1..K`` in class
+    order (``K = len(class_names)``), so a K-class detector's class ``c`` is category ``c + 1``,
+    as :func:`cfws_jax.detection.coco.class_to_category` maps any non-80-class model. ``info``
+    records the generator settings. Used by :func:`write_coco_scenes` and by the in-memory
+    held-out set of :mod:`cfws_jax.data.scene_source`.
+    """
+    names = [str(c) for c in class_names]
+    coco_images, annotations = [], []
+    for i, boxes, classes in scenes:
+        coco_images.append({"id": int(i) + 1, "file_name": scene_file_name(int(i)),
+                            "width": cfg.canvas, "height": cfg.canvas})
+        for box, c in zip(np.asarray(boxes).tolist(), np.asarray(classes).tolist()):
+            if not 0 <= c < len(names):
+                raise ValueError(f"scene {i}: class {c} but {len(names)} class names were given")
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": int(i) + 1, "category_id": int(c) + 1,
+                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
+    return {"info": {"description": "synthetic detection scenes built from CIFAR-10 images (cfws_jax.data.scenes); "
+                                    "for float vs quantized comparisons, not COCO accuracy",
+                     "split": split, "seed": int(seed), "start": int(start), "count": int(count),
+                     "config": dataclasses.asdict(cfg)},
+            "images": coco_images, "annotations": annotations,
+            "categories": [{"id": c + 1, "name": n, "supercategory": "cifar10"} for c, n in enumerate(names)]}
+
+
 def write_coco_scenes(out_dir, images, labels, *, split: str, seed: int, cfg: SceneConfig = SceneConfig(),
                       count: int, class_names, start: int = 0, progress=None) -> tuple[str, str]:
     """Write scenes ``start .. start + count - 1`` as ``OUT/images/scene_NNNNNNN.jpg`` (JPEG
-    quality 95, 4:4:4) and ``OUT/instances.json`` (COCO instances: images with id
-    ``index + 1``, file_name, width, height; annotations with bbox ``[x, y, w, h]``, area
-    ``w * h``, iscrowd 0; categories ids ``1..K`` in class order, ``K = len(class_names)``, so a
-    K-class detector's class ``c`` is category ``c + 1``, as
-    :func:`cfws_jax.detection.coco.class_to_category` maps any non-80-class model). ``info``
-    records the generator settings. Returns (image folder, JSON path).
+    quality 95, 4:4:4) and ``OUT/instances.json`` (:func:`scenes_coco_dict`: image id
+    ``index + 1``, categories ``1..K`` in class order). Returns (image folder, JSON path).
 
     ``OUT`` must not exist or be empty (OutputError otherwise: this never replaces a folder);
     the files are written to a hidden sibling folder renamed into place at the end.
@@ -383,26 +411,20 @@ def write_coco_scenes(out_dir, images, labels, *, split: str, seed: int, cfg: Sc
         raise ValueError(f"labels span 0..{int(labels.max())} but {len(names)} class names were given")
     out_dir = check_output_dir(out_dir, overwrite=False, flag=None)
     tmp = _temp_sibling(out_dir)
-    try:
-        os.makedirs(os.path.join(tmp, IMAGE_DIR))
-        coco_images, annotations = [], []
+
+    def written():
         for k, i in enumerate(range(start, start + count)):
             img, boxes, classes = make_scene(images, labels, i, split=split, seed=seed, cfg=cfg)
-            name = scene_file_name(i)
-            Image.fromarray(img).save(os.path.join(tmp, IMAGE_DIR, name), quality=JPEG_QUALITY, subsampling=0)
-            coco_images.append({"id": i + 1, "file_name": name, "width": cfg.canvas, "height": cfg.canvas})
-            for box, c in zip(boxes.tolist(), classes.tolist()):
-                w, h = box[2] - box[0], box[3] - box[1]
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": c + 1,
-                                    "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
+            Image.fromarray(img).save(os.path.join(tmp, IMAGE_DIR, scene_file_name(i)),
+                                      quality=JPEG_QUALITY, subsampling=0)
+            yield i, boxes, classes
             if progress is not None:
                 progress(k + 1, count)
-        doc = {"info": {"description": "synthetic detection scenes built from CIFAR-10 images (cfws_jax.data.scenes); "
-                                       "for float vs quantized comparisons, not COCO accuracy",
-                        "split": split, "seed": int(seed), "start": int(start), "count": int(count),
-                        "config": dataclasses.asdict(cfg)},
-               "images": coco_images, "annotations": annotations,
-               "categories": [{"id": c + 1, "name": n, "supercategory": "cifar10"} for c, n in enumerate(names)]}
+
+    try:
+        os.makedirs(os.path.join(tmp, IMAGE_DIR))
+        doc = scenes_coco_dict(written(), split=split, seed=seed, cfg=cfg, start=start, count=count,
+                               class_names=names)
         with open(os.path.join(tmp, ANNOTATIONS_FILE), "w") as fh:
             json.dump(doc, fh)
         _commit_dir(tmp, out_dir, False, None)
