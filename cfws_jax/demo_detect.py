@@ -78,8 +78,8 @@ def load_scene_detector(params: str = DETECT_MODEL) -> SceneDetector:
     from cfws_jax.assets import SHIPPED_MODELS, load_npz_variables, model_card_path, read_model_card, shipped_path
 
     params = str(params)
-    shipped = params.startswith("shipped:")
-    path = shipped_path(params[len("shipped:"):]) if shipped else Path(params)
+    shipped = params[len("shipped:"):] if params.startswith("shipped:") else None
+    path = shipped_path(shipped) if shipped else Path(params)
     if not shipped and path.suffix != ".npz":
         raise ValueError(f"--params {params}: expected shipped:NAME or a flat variables .npz (with its model card "
                          f"{model_card_path(path).name} beside it)")
@@ -89,9 +89,8 @@ def load_scene_detector(params: str = DETECT_MODEL) -> SceneDetector:
     where = model_card_path(path)
     if not isinstance(card.get("arch"), str) or not isinstance(card.get("scenes"), dict):
         raise ValueError(f"{where}: a scene detector's card needs 'arch' (a string) and 'scenes' (SceneConfig fields)")
-    if shipped and SHIPPED_MODELS[params[len("shipped:"):]][0] != card["arch"]:
-        raise ValueError(f"{where}: arch {card['arch']!r} differs from SHIPPED_MODELS "
-                         f"({SHIPPED_MODELS[params[len('shipped:'):]][0]!r})")
+    if shipped and SHIPPED_MODELS[shipped][0] != card["arch"]:
+        raise ValueError(f"{where}: arch {card['arch']!r} differs from SHIPPED_MODELS ({SHIPPED_MODELS[shipped][0]!r})")
     try:
         cfg = SceneConfig(**card["scenes"])
     except TypeError as e:  # an unknown field
