@@ -40,7 +40,7 @@ from cfws_jax.data.scenes import SceneConfig, load_cifar_split, scene_batch
 from cfws_jax.models import create_model, get_config
 from cfws_jax.progress import Progress
 from cfws_jax.train.augment import AugmentConfig, augment_batch
-from cfws_jax.train.optim import OptimConfig, lr_at, make_optimizer
+from cfws_jax.train.optim import OptimConfig, ema_tau_for, lr_at, make_optimizer
 from cfws_jax.train.step import TrainState, init_state, make_predict, make_train_step
 
 
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--ema-tau", type=float, default=None,
-                   help="EMA ramp (updates); default min(2000, total steps / 5)")
+                   help="EMA ramp tau (updates); default: cfws_jax.train.optim.ema_tau_for(total steps)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--lowering", choices=("auto", "unrolled", "conv"), default="auto",
                    help="conv lowering of the train step: unrolled (im2col/matmul; fast on CPU) or the conv op")
@@ -228,7 +228,7 @@ def main(argv=None):
         state, meta = resumed
         start, total, warmup, planned, log = meta["step"], meta["total"], meta["warmup"], meta["planned"], meta["log"]
         print(f"resumed from {meta['path']} at step {start}/{total}", file=sys.stderr)
-    ema_tau = lambda: args.ema_tau or max(1.0, min(2000.0, total / 5))  # noqa: E731
+    ema_tau = lambda: args.ema_tau or ema_tau_for(total)  # noqa: E731
     step_fn = make_train_step(model, tx, unrolled=unrolled)
     predict = make_predict(model)
     heldout = heldout_scenes(x_test, y_test, cfg, max(args.eval_scenes, args.final_eval_scenes), args.eval_seed)

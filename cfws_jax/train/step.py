@@ -22,6 +22,11 @@ CLS_PRIOR = 0.01
 """Initial class probability of every anchor (the cls_preds bias -log((1 - p) / p), as RetinaNet):
 the classification loss starts small instead of swamping the box loss."""
 
+REG_PRIOR = 1.0
+"""Initial ltrb distance (in strides) of a 4-channel box head (reg_preds bias): every anchor starts
+with a 2x2-cell box around its point instead of a degenerate one, so IoUs and the task-aligned
+metric are non-zero from the first step. (A DFL head starts from uniform bins.)"""
+
 
 class TrainState(NamedTuple):
     params: dict
@@ -31,13 +36,20 @@ class TrainState(NamedTuple):
     step: jnp.ndarray  # int32 scalar: updates done
 
 
-def prior_bias(params, prior: float = CLS_PRIOR):
-    """``params`` with every ``detect/cls_preds_*/bias`` set to ``-log((1 - prior) / prior)``."""
+def prior_bias(params, prior: float = CLS_PRIOR, reg_prior: float = REG_PRIOR, reg_max: int = 0):
+    """``params`` with every ``detect/cls_preds_*/bias`` set to ``-log((1 - prior) / prior)`` and,
+    for a 4-channel box head (``reg_max == 0``), every ``detect/reg_preds_*/bias`` to ``reg_prior``."""
     b0 = -math.log((1 - prior) / prior)
 
     def f(path, x):
         keys = [getattr(k, "key", "") for k in path]
-        return jnp.full_like(x, b0) if keys[-1] == "bias" and any(k.startswith("cls_preds_") for k in keys) else x
+        if keys[-1] != "bias":
+            return x
+        if any(k.startswith("cls_preds_") for k in keys):
+            return jnp.full_like(x, b0)
+        if not reg_max and any(k.startswith("reg_preds_") for k in keys):
+            return jnp.full_like(x, reg_prior)
+        return x
 
     return jax.tree_util.tree_map_with_path(f, params)
 
@@ -46,7 +58,7 @@ def init_state(model, rng, canvas: int, tx: optax.GradientTransformation) -> Tra
     """Fresh variables for ``[1, canvas, canvas, 3]`` inputs (cls prior bias), optimizer state and
     EMA (= the initial variables)."""
     v = jax.jit(lambda r: model.init(r, jnp.zeros((1, canvas, canvas, 3), jnp.float32), train=False))(rng)
-    params = prior_bias(v["params"])
+    params = prior_bias(v["params"], reg_max=model.config.reg_max)
     bs = v["batch_stats"]
     ema = jax.tree_util.tree_map(jnp.array, {"params": params, "batch_stats": bs})  # own buffers (donation)
     return TrainState(params, bs, tx.init(params), ema, jnp.zeros((), jnp.int32))
