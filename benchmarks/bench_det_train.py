@@ -4,8 +4,10 @@ this machine, per canvas x batch x conv lowering (unrolled im2col/matmul vs the 
     python benchmarks/bench_det_train.py --data ../shared/data/cifar10_jpeg_yoongikim.npz \
         --configs 128x32:unrolled 160x32:unrolled 160x32:conv [--steps 3] [--arch yolov6n_v3]
 
-Prints one JSON line per config: compile seconds (first step), median step seconds over
-``--steps`` further steps, images/s.
+Every config is compiled first; then the timed steps run round-robin (one step of each config
+per round, ``--steps`` rounds), so a machine shared with other work slows every config alike and
+the ratios stay fair. Prints one JSON line per config: compile seconds (first step), median step
+seconds, images/s.
 """
 
 from __future__ import annotations
@@ -24,23 +26,28 @@ from cfws_jax.train.optim import make_optimizer
 from cfws_jax.train.step import init_state, make_train_step
 
 
-def bench(model, x, y, canvas: int, batch: int, unrolled: bool, steps: int) -> dict:
+def prepare(model, x, y, canvas: int, batch: int, unrolled: bool, rounds: int) -> dict:
+    """Compile (first step) one config; returns its state, step and batches."""
     tx = make_optimizer()
     state = init_state(model, jax.random.PRNGKey(0), canvas, tx)
     step = make_train_step(model, tx, unrolled=unrolled)
     cfg = SceneConfig(canvas=canvas)
     batches = [scene_batch(x, y, np.arange(k * batch, (k + 1) * batch), split="train", seed=0, cfg=cfg)
-               for k in range(steps + 1)]
-    times = []
-    for b in batches:
-        t = time.time()
-        state, m = step(state, b["images"], b["boxes"], b["classes"], b["mask"], 0.01)
-        jax.block_until_ready(m["loss"])
-        times.append(time.time() - t)
-    med = float(np.median(times[1:]))
+               for k in range(rounds + 1)]
+    t = time.time()
+    b = batches[0]
+    state, m = step(state, b["images"], b["boxes"], b["classes"], b["mask"], 0.01)
+    jax.block_until_ready(m["loss"])
     return {"canvas": canvas, "batch": batch, "lowering": "unrolled" if unrolled else "conv",
-            "compile_s": round(times[0] - med, 1), "step_s": round(med, 3), "images_per_s": round(batch / med, 2),
-            "device": str(jax.devices()[0])}
+            "first_step_s": time.time() - t, "state": state, "step": step, "batches": batches[1:], "times": []}
+
+
+def run_round(c: dict, k: int) -> None:
+    b = c["batches"][k]
+    t = time.time()
+    c["state"], m = c["step"](c["state"], b["images"], b["boxes"], b["classes"], b["mask"], 0.01)
+    jax.block_until_ready(m["loss"])
+    c["times"].append(time.time() - t)
 
 
 def main(argv=None):
@@ -53,10 +60,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     x, y = load_cifar_split(args.data, "train")
     model = create_model(args.arch, deploy=False, num_classes=args.num_classes)
+    configs = []
     for c in args.configs:
         size, low = c.split(":")
         canvas, batch = (int(v) for v in size.split("x"))
-        print(json.dumps(bench(model, x, y, canvas, batch, low == "unrolled", args.steps)), flush=True)
+        configs.append(prepare(model, x, y, canvas, batch, low == "unrolled", args.steps))
+        print(f"compiled {c} ({configs[-1]['first_step_s']:.0f} s)", file=sys.stderr, flush=True)
+    for k in range(args.steps):
+        for c in configs:
+            run_round(c, k)
+    for c in configs:
+        med = float(np.median(c["times"]))
+        print(json.dumps({"canvas": c["canvas"], "batch": c["batch"], "lowering": c["lowering"],
+                          "first_step_s": round(c["first_step_s"], 1), "step_s": round(med, 3),
+                          "images_per_s": round(c["batch"] / med, 2), "device": str(jax.devices()[0])}), flush=True)
     return 0
 
 
