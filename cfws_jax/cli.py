@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "cfws_jax.commands.eval",
     "cfws_jax.commands.demo",
     "cfws_jax.commands.export",
+    "cfws_jax.commands.scenes",
 )
 
 

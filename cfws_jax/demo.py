@@ -108,7 +108,7 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
     ``mesh``: :func:`cfws_jax.parallel.local_mesh` to calibrate and evaluate on (None: one device).
     ``log``: where the progress lines go (default: the ``sys.stderr`` of the call, not of the import)."""
     log = sys.stderr if log is None else log
-    from cfws_jax.parallel import device_list, local_mesh
+    from cfws_jax.parallel import local_mesh
     from cfws_jax.ptq import get_preset
 
     mesh = None if mesh is None else local_mesh(mesh)
@@ -136,10 +136,16 @@ def run_demo(data: str | None = None, *, limit: int | None = 1000, presets=DEMO_
             bar.update(n_eval)
     bar.close()
     info = {"arch": exp.arch, "data": exp.data, "eval_images": n_eval, "eval_subset": subset,
-            "calib_images": num_calib, "seed": seed,
-            "devices": device_list(mesh) if mesh is not None else [str(jax.devices()[0])]}
-    info["device"] = info["devices"][0] if len(info["devices"]) == 1 else f"{len(info['devices'])} x {info['devices'][0]}"
+            "calib_images": num_calib, "seed": seed, **device_info(mesh)}
     return float_top1, rows, info
+
+
+def device_info(mesh=None) -> dict:
+    """``{"devices": [names], "device": one line}`` of ``mesh`` (None: the default device)."""
+    from cfws_jax.parallel import device_list
+
+    devices = device_list(mesh) if mesh is not None else [str(jax.devices()[0])]
+    return {"devices": devices, "device": devices[0] if len(devices) == 1 else f"{len(devices)} x {devices[0]}"}
 
 
 def format_table(float_top1: float, rows: list[DemoRow], info: dict) -> str:

@@ -37,10 +37,14 @@ class YOLOv6(nn.Module):
     deploy: bool = False
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, decode: bool = True):
+        """``decode=False``: the raw per-level pred maps ``[(cls, reg, obj|None), ...]`` (strides 8,
+        16, 32; NHWC, pre-sigmoid), exactly what :class:`Detect` returns (for training losses)."""
         check_input_shape(x.shape)
         cfg = self.config
         feats = EfficientRep(cfg, self.deploy, name="backbone")(x, train)
         feats = RepPANNeck(cfg, self.deploy, name="neck")(feats, train)
         levels = Detect(cfg.num_classes, cfg.reg_channels, cfg.head == "v1", self.deploy, name="detect")(feats, train)
+        if not decode:
+            return levels
         return decode_outputs(levels, x.shape[1:3], cfg.reg_max)
