@@ -3,7 +3,7 @@
     cfws-jax ptq --arch ARCH --params DIR --calib-data SRC --preset NAME --out QDIR
                  [--report FILE.json|FILE.csv] [--num-calib 32] [--seed 0] [--order sequential]
                  [--w-bits 8] [--a-bits 8] [--act-method M] [--float-layers PAT ...]
-                 [--keep-float K] [--bias-correction] [--reconstruct] [--iters 200]
+                 [--keep-float K] [--bias-correction] [--bias-correction-z 2] [--reconstruct] [--iters 200]
                  [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P]
 
 ``--keep-float K`` runs the single-layer sensitivity analysis and keeps the K most sensitive
@@ -65,6 +65,9 @@ def register(sub) -> None:
                         "letterbox canvas, default 640)")
     p.add_argument("--bias-correction", action="store_true",
                    help="after calibration, remove each layer's mean output shift per channel (cfws_kl_bc)")
+    p.add_argument("--bias-correction-z", type=float, default=None, metavar="Z",
+                   help="bias correction: correct a channel only where its mean shift exceeds Z standard errors "
+                        "(over the calibration images; default 2, 0 = every channel)")
     p.add_argument("--reconstruct", action="store_true",
                    help="after calibration, learn each layer's weight rounding (AdaRound; cfws_kl_recon)")
     p.add_argument("--iters", type=int, default=None, help="reconstruction: Adam steps per layer or block (default 200; 2000 or more on a GPU)")
@@ -90,7 +93,8 @@ def _overrides(args) -> dict:
                        ("seed", "seed"), ("order", "calib_order"), ("w_bits", "w_bits"), ("a_bits", "a_bits"),
                        ("act_method", "act_method"), ("iters", "recon_iters"),
                        ("recon_batch_size", "recon_batch_size"), ("recon_loss", "recon_loss"),
-                       ("qdrop", "recon_qdrop"), ("recon_unit", "recon_unit")):
+                       ("qdrop", "recon_qdrop"), ("recon_unit", "recon_unit"),
+                       ("bias_correction_z", "bias_correction_z")):
         v = getattr(args, arg)
         if v is not None:
             o[field] = v
@@ -150,6 +154,9 @@ def run(args) -> int:
 
     mesh = mesh_from_args(args)  # validates --devices before any work
     config = get_preset(args.preset, **_overrides(args))
+    if getattr(args, "bias_correction_z", None) is not None and not config.bias_correction:
+        raise ValueError(f"--bias-correction-z: preset {args.preset} does not correct biases; use --preset cfws_kl_bc "
+                         "or add --bias-correction")
     given = [flag for attr, flag in _RECON_FLAGS if getattr(args, attr, None) is not None]
     if given and not config.reconstruct:
         raise ValueError(f"{', '.join(given)}: reconstruction options, but preset {args.preset} does not reconstruct; "

@@ -63,13 +63,13 @@ import optax
 from cfws_jax.models.layers import activation
 from cfws_jax.ptq.calibrate import _geometry
 from cfws_jax.ptq.graph import LayerInfo
+from cfws_jax.ptq.recon_checks import check_recon
 from cfws_jax.ptq.runtime import layer_linear
 from cfws_jax.ptq.weights import dequantize_layer
 from cfws_jax.quant import ZERO_AMAX, fake_quant_symmetric, int_range, round_values
 
 ZETA = 1.1
 GAMMA = -0.1
-LOSSES = ("mse", "mae")
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
 """How many times the jitted reconstruction (``"train"``) and evaluation (``"eval"``) functions
@@ -319,17 +319,13 @@ class ReconConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.iters < 0 or self.batch_size < 1:
-            raise ValueError(f"ReconConfig: iters must be >= 0 and batch_size >= 1, got {self.iters}, "
-                             f"{self.batch_size}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"ReconConfig.loss must be one of {LOSSES}, got {self.loss!r}")
-        if not 0.0 <= self.qdrop_prob < 1.0:
-            raise ValueError(f"ReconConfig.qdrop_prob must be in [0, 1), got {self.qdrop_prob}")
+        check_recon("ReconConfig", iters=("iters", self.iters), batch_size=("batch_size", self.batch_size),
+                    lr=("lr", self.lr), reg_weight=("reg_weight", self.reg_weight), loss=("loss", self.loss),
+                    qdrop=("qdrop_prob", self.qdrop_prob))
         if not 0.0 <= self.warmup <= 1.0:
             raise ValueError(f"ReconConfig.warmup must be in [0, 1], got {self.warmup}")
-        if not (self.lr > 0 and self.beta_start > 0 and self.beta_end > 0 and self.reg_weight >= 0):
-            raise ValueError("ReconConfig: lr, beta_start and beta_end must be > 0 and reg_weight >= 0")
+        if not (self.beta_start > 0 and self.beta_end > 0):
+            raise ValueError(f"ReconConfig.beta_start and beta_end must be > 0, got {self.beta_start}, {self.beta_end}")
 
 
 def _layer_out(geom, act, kernel, bias, x, unrolled: bool = False):
