@@ -373,7 +373,7 @@ def _refine_layer(lp: LayerPlan, x_q, x_fp, st: dict) -> str:
     config, plan, chunk = st["config"], st["plan"], st["config"].calib_batch_size
     name, info = lp.info.name, lp.info
     q_layers, amax, fw = st["q_layers"], st["amax"], st["float_w"][name]
-    in_unit = config.reconstruct and st["rcfg"].iters > 0 and (name in st["inner"] or name in st["units"])
+    in_unit = config.reconstruct and (name in st["inner"] or name in st["units"])
     needs_target = not in_unit or (config.bias_correction and "bias" in dequantize_layer(q_layers[name]))
     t0 = time.perf_counter()
     # the layer's own float output: the target of a one-layer reconstruction and of bias correction
@@ -381,17 +381,11 @@ def _refine_layer(lp: LayerPlan, x_q, x_fp, st: dict) -> str:
     t_cap = time.perf_counter() - t0 + st["capture_seconds"]
     in_quant = _in_quant(plan, lp, amax)
     shown = []
-    if config.reconstruct and name in st["inner"] and st["rcfg"].iters > 0:
+    if config.reconstruct and name in st["inner"]:
         shown.append(f"reconstructed with {st['inner'][name]}")
-    elif config.reconstruct and name in st["units"] and st["rcfg"].iters > 0:
+    elif config.reconstruct and name in st["units"]:
         shown.append(_reconstruct_unit(st["units"][name], x_q, x_fp, st, t_cap))
         in_quant = _in_quant(plan, lp, amax)
-    elif config.reconstruct and st["rcfg"].iters == 0:
-        # keep round-to-nearest: the learner's hardened initial rounding is not RTN for CFWS centre taps
-        loss = layer_loss(info, q_layers[name], x_q, y_fp, in_quant, config.recon_loss, chunk)
-        st["recon"][name] = {"loss_before": loss, "loss_after": loss, "seconds": 0.0, "capture_seconds": t_cap,
-                             "accepted": False}
-        shown.append(f"{loss:.4g} (0 iterations)")
     elif config.reconstruct:
         new_q, r = reconstruct_layer(q_layers[name], fw["kernel"], fw.get("bias"), info=info, act=info.act,
                                      x_q=x_q, x_fp=x_fp, y_fp=y_fp, in_quant=in_quant, w_bits=lp.w_bits,
