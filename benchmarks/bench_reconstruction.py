@@ -89,7 +89,8 @@ class EveryKth:
     def count(self, limit=None) -> int:
         return self.num_images if limit is None else min(limit, self.num_images)
 
-    def iter_batches(self, batch_size: int, limit=None):
+    def iter_batches(self, batch_size: int, limit=None, subset: str = "balanced"):
+        del subset  # every k-th image of a class-sorted split is already class-balanced
         n = self.count(limit)
         for start in range(0, n, batch_size):
             yield self.base.load(np.arange(start, min(start + batch_size, n)) * self.k)
