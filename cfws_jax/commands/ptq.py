@@ -7,7 +7,10 @@
                  [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P]
 
 ``--keep-float K`` runs the single-layer sensitivity analysis and keeps the K most sensitive
-layers in float (partial quantization). The calibration images are a seeded random subset of
+layers in float (partial quantization). The final model's calibration reuses what the ranking
+model's calibration settled (``quantize(reuse=...)``): every point defined alike with
+``--order parallel``; with ``sequential`` the points upstream of the first float layer (those
+after it see another network and are calibrated again). The calibration images are a seeded random subset of
 ``--calib-split`` (default ``train``), disjoint from an evaluation on ``val``/``test``.
 
 Detectors (family ``yolov6``; ``--arch yolov6s`` takes the version the params folder records):
@@ -192,7 +195,7 @@ def run(args) -> int:
         print("most sensitive layers (kept in float): " + ", ".join(
             f"{r['layer']} ({sensitivity_db(r):.1f} dB)" for r in ranking[: args.keep_float]), file=sys.stderr)
         config = config.replace(float_layers=tuple(config.float_layers) + keep)
-        qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh)
+        qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh, reuse=qm)
     report = layer_report(qm, variables, batches[0][:8])
     import jax
 
