@@ -11,7 +11,12 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # measure this checkout's cfws_jax, not another installed one
+    sys.path.insert(0, REPO_ROOT)
 
 
 def cpu_model() -> str:
@@ -50,7 +55,9 @@ def machine_lines(torch_too: bool = True) -> list[str]:
                 versions += f" | torch cuda {torch.cuda.get_device_name(0)}"
         except ImportError:
             versions += " | torch not installed"
-    lines.append(versions)
+    import cfws_jax
+
+    lines.append(versions + f" | cfws_jax from {os.path.dirname(os.path.dirname(cfws_jax.__file__))}")
     devs = jax.devices()
     kinds = sorted({getattr(d, "device_kind", "?") for d in devs})
     lines.append(f"devices ({jax.default_backend()}, {len(devs)}): {', '.join(str(d) for d in devs)} "

@@ -79,7 +79,7 @@ def refine_seconds(qm) -> float:
 
 class EveryKth:
     """Every ``k``-th image of an image source (the CIFAR test split is sorted by class, so this
-    keeps the classes balanced where ``--limit`` would keep the first classes only)."""
+    keeps the classes balanced; the same images as before the class-balanced ``--limit``)."""
 
     def __init__(self, base, k: int):
         self.base, self.k = base, k
@@ -89,10 +89,18 @@ class EveryKth:
     def count(self, limit=None) -> int:
         return self.num_images if limit is None else min(limit, self.num_images)
 
-    def iter_batches(self, batch_size: int, limit=None):
-        n = self.count(limit)
-        for start in range(0, n, batch_size):
-            yield self.base.load(np.arange(start, min(start + batch_size, n)) * self.k)
+    def known_labels(self):
+        labels = self.base.known_labels()
+        return None if labels is None else labels[::self.k]
+
+    def subset(self, limit=None, subset: str = "balanced"):
+        del subset  # the first ``limit`` of the every-k-th images (all of them in this benchmark)
+        return np.arange(self.count(limit))
+
+    def iter_batches(self, batch_size: int, limit=None, subset: str = "balanced"):
+        idx = self.subset(limit, subset)
+        for start in range(0, len(idx), batch_size):
+            yield self.base.load(idx[start:start + batch_size] * self.k)
 
 
 def run_cifar(args) -> None:

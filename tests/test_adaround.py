@@ -325,6 +325,30 @@ def test_no_iterations_returns_q():
         np.testing.assert_array_equal(new_q[key], layer["q"][key])
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_zero_iterations_are_round_to_nearest(case):
+    """``iters=0``: exactly the integer codes of the round-to-nearest quantizers of
+    :mod:`cfws_jax.cfws` (plain, and CFWS coarse + fine), for every layer kind."""
+    from cfws_jax.cfws import CFWSConfig, cfws_quantize, plain_quantize
+
+    layer = conv_layer(16, **CASES[case])
+    layer["in_quant"] = IN_QUANT
+    cfg, w = layer["config"], layer["kernel"]
+    new_q, st = run(layer, ReconConfig(iters=0, batch_size=16))
+    assert not st["accepted"] and st["loss_after"] == st["loss_before"] and st["seconds"] == 0.0
+    if CASES[case]["scheme"] == "plain":
+        codes, _, _ = plain_quantize(w, layer["w_bits"], cfg.per_channel)
+        np.testing.assert_array_equal(new_q["w_codes"], np.asarray(codes))
+        return
+    ref = cfws_quantize(w, CFWSConfig(layer["w_bits"], cfg.cfws_extract_center, cfg.cfws_coarse))
+    np.testing.assert_array_equal(new_q["c_codes"], np.asarray(ref.coarse_codes))
+    np.testing.assert_array_equal(new_q["w_codes"], np.asarray(ref.fine_codes))
+    if case == "cfws_relu":  # the hardened initial rounding is not round-to-nearest here (why iters=0 skips it)
+        r = A.prepare_rounding(layer["q"], w, layer["w_bits"])
+        h = A.harden(r, layer["q"], r.vf0, r.vc0)
+        assert any(not np.array_equal(h[k], new_q[k]) for k in ("w_codes", "c_codes"))
+
+
 def test_learn_act_step():
     layer = conv_layer(15, "plain", act="relu", noise=0.0)
     layer["in_quant"] = (8.0, 7, "half_even")  # 4-bit input with a too large amax

@@ -128,6 +128,23 @@ def test_unit_reconstruction_with_qdrop_and_mae_never_worse():
         assert st["loss_after"] <= st["loss_before"]
 
 
+def test_unit_zero_iterations_keep_round_to_nearest():
+    from cfws_jax.cfws import CFWSConfig, cfws_quantize, plain_quantize
+
+    layers, x_q, x_fp, y_fp = toy()
+    qs, st = reconstruct_unit(layers, x_q=x_q, x_fp=x_fp, y_fp=y_fp, in_quant=None, rcfg=ReconConfig(iters=0))
+    assert not st["accepted"] and st["loss_after"] == st["loss_before"] and st["seconds"] == 0.0
+    ref = np.mean((np_unit(layers, x_q, quantized=True).astype(np.float64) - y_fp) ** 2)
+    np.testing.assert_allclose(st["loss_before"], ref, rtol=1e-3)
+    for u, q in zip(layers, qs):
+        if "c_codes" in q:
+            r = cfws_quantize(u.kernel, CFWSConfig(u.w_bits))
+            np.testing.assert_array_equal(q["c_codes"], np.asarray(r.coarse_codes))
+            np.testing.assert_array_equal(q["w_codes"], np.asarray(r.fine_codes))
+        else:
+            np.testing.assert_array_equal(q["w_codes"], np.asarray(plain_quantize(u.kernel, u.w_bits)[0]))
+
+
 def test_unit_needs_links():
     layers = toy()[0]
     with pytest.raises(ValueError, match="a unit is >= 2 layers"):

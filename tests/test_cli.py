@@ -19,9 +19,44 @@ def test_help_lists_every_subcommand(capsys):
 
 
 def test_version_names_package_and_backend(capsys):
+    import jax
+
     assert main(["version"]) == 0
     out = capsys.readouterr().out
-    assert f"cfws-jax {cfws_jax.__version__}" in out and "backend" in out
+    n = len(jax.devices())
+    assert f"cfws-jax {cfws_jax.__version__}" in out
+    assert f"backend: {jax.default_backend()}, {n} device{'s' if n != 1 else ''}: " in out
+
+
+def test_device_summary_names_platform_count_and_kinds():
+    from cfws_jax.commands.version import device_summary
+
+    class Dev:
+        def __init__(self, i, kind, platform="gpu"):
+            self.id, self.device_kind, self.platform = i, kind, platform
+
+        def __str__(self):
+            return f"cuda:{self.id}"
+
+    devs = [Dev(0, "NVIDIA H100 80GB HBM3"), Dev(1, "NVIDIA H100 80GB HBM3"), Dev(2, "NVIDIA H200")]
+    assert device_summary(devs, "gpu") == ("backend: gpu, 3 devices: NVIDIA H100 80GB HBM3 x2, NVIDIA H200 "
+                                           "(cuda:0, cuda:1, cuda:2)")
+    assert device_summary(devs[:1], "gpu") == "backend: gpu, 1 device: NVIDIA H100 80GB HBM3 (cuda:0)"
+
+
+def test_cuda_extra_installs_gpu_jax_of_the_pinned_release():
+    """``pip install -e '.[cuda]' -c constraints.txt``: jax's CUDA 13 extra, whose plugin the
+    constraints pin to the jax release they pin."""
+    import pathlib
+    import re
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["cuda"] == ["jax[cuda13]"]
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (root / "constraints.txt").read_text(), re.M))
+    assert pins["jax-cuda13-plugin"] == pins["jax-cuda13-pjrt"] == pins["jax"] == pins["jaxlib"]
+    assert "nvidia-cudnn-cu13" in pins and not any(k.endswith("-cu12") for k in pins)
 
 
 def test_unknown_subcommand_is_a_usage_error():

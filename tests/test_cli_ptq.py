@@ -163,3 +163,58 @@ def test_demo_without_data_says_how_to_get_it(capsys, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tfds)
     assert main(["demo"]) == 1
     assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("order", ["sequential", "parallel"])
+def test_keep_float_reuses_the_calibration(tiny_cifar, order, monkeypatch):
+    """A re-quantization with more float layers reuses the earlier calibration where it cannot
+    differ (``quantize(reuse=...)``): the same model as calibrating again, fewer amax searches."""
+    import jax
+
+    from cfws_jax.data import calibration_batches, open_source
+    from cfws_jax.io import load_variables
+    from cfws_jax.ptq import calibrate, get_preset, quantize
+
+    data, params = tiny_cifar
+    variables, _ = load_variables(params)
+    batches = calibration_batches(open_source(str(data), split="train"), 8, 4, 0)
+    cfg = get_preset("cfws_kl", calib_order=order, calib_batch_size=4)
+    first = quantize("repvgg_cifar_small", variables, batches, cfg, progress=False)
+    keep = cfg.replace(float_layers=("stage2_0/rbr_reparam",))
+    calls = []
+    real = calibrate._amax_from
+    monkeypatch.setattr(calibrate, "_amax_from", lambda p, *a: calls.append(p.name) or real(p, *a))
+    fresh = quantize("repvgg_cifar_small", variables, batches, keep, progress=False)
+    n_fresh, calls[:] = list(calls), []
+    reused = quantize("repvgg_cifar_small", variables, batches, keep, progress=False, reuse=first)
+    for a, b in zip(jax.tree_util.tree_leaves(fresh.layers), jax.tree_util.tree_leaves(reused.layers)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fresh.act_amax, reused.act_amax)
+    old_points = set(first.plan.points)
+    if order == "parallel":  # only the points the float layer creates (the next layer's :in)
+        assert sorted(calls) == sorted(p.name for p in fresh.plan.points if p not in old_points)
+    else:  # only the points from the float layer on (they see another network)
+        start = fresh.plan.names.index("stage2_0/rbr_reparam")
+        after = {lp.info.name for lp in fresh.plan.layers[start:]}
+        assert sorted(calls) == sorted(p.name for p in fresh.plan.points if p.layer in after and p.method != "max")
+    assert 0 < len(calls) < len(n_fresh)
+    with pytest.raises(ValueError, match="reuse"):
+        quantize("repvgg_cifar_small", variables, batches, keep.replace(a_bits=6), progress=False, reuse=first)
+
+
+def test_cli_keep_float_quantizes_again_with_reuse(tiny_cifar, tmp_path, monkeypatch):
+    import cfws_jax.ptq as ptq
+
+    data, params = tiny_cifar
+    seen = []
+    real = ptq.quantize
+
+    def spy(*a, **k):
+        seen.append((k.get("reuse"), real(*a, **k)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(ptq, "quantize", spy)
+    assert main(["ptq", "--arch", "repvgg_cifar_small", "--params", str(params), "--calib-data", str(data),
+                 "--preset", "minmax", "--num-calib", "8", "--keep-float", "1", "--order", "parallel",
+                 "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert len(seen) == 2 and seen[0][0] is None and seen[1][0] is seen[0][1]

@@ -128,7 +128,7 @@ def layer_inputs(qm, weights, enabled):
 # ----------------------------------------------------------------------------- config
 def test_config_fields_presets_and_old_dicts():
     d = get_preset("cfws_kl").to_dict()
-    for f in ("bias_correction", "reconstruct", "recon_iters", "recon_batch_size", "recon_lr", "recon_reg_weight",
+    for f in ("bias_correction", "bias_correction_z", "reconstruct", "recon_iters", "recon_batch_size", "recon_lr", "recon_reg_weight",
               "recon_loss", "recon_qdrop", "recon_act_step", "recon_unit"):
         d.pop(f)
     assert QuantConfig.from_dict(d) == get_preset("cfws_kl")  # a model saved before #14 loads unchanged
@@ -167,13 +167,16 @@ def test_capture_returns_the_tensors_the_fake_quant_forward_sees():
 
 
 # ----------------------------------------------------------------------------- bias correction
-@pytest.mark.parametrize("bias", ["float", "int16"])
-def test_bias_correction_matches_numpy_reference(bias):
-    rtn, bc = run(bias=bias), run(bias_correction=True, bias=bias)
+@pytest.mark.parametrize("bias,z", [("float", 2.0), ("int16", 2.0), ("float", 0.0)])
+def test_bias_correction_matches_numpy_reference(bias, z):
+    """Per channel, the mean shift over images is subtracted where ``|mean| > z * std_err``
+    (std_err over the per-image means, ddof=1); z = 0 corrects every channel."""
+    rtn, bc = run(bias=bias), run(bias_correction=True, bias=bias, bias_correction_z=z)
     np.testing.assert_array_equal(bc.act_amax, rtn.act_amax)
     qi = layer_inputs(bc, bc.dequantized_weights(as_jax=True), True)  # upstream already corrected
     fi = layer_inputs(bc, float_weights(), False)
     _, params = deploy()
+    kept = fixed = 0
     for lp in bc.plan.layers:
         name = lp.info.name
         q_bc, q_rtn = bc.layers[name], rtn.layers[name]
@@ -191,18 +194,50 @@ def test_bias_correction_matches_numpy_reference(bias):
         x_q = qi[name] if lp.in_point is None else np_fq(qi[name], bc.act_amax[lp.in_point])
         wq = np_kernel(q_bc)
         err = np_linear(lp.info, x_q, wq, np_bias(q_rtn)) - np_linear(lp.info, fi[name], w, b)
-        shift = err.reshape(-1, err.shape[-1]).mean(0)
-        assert np.max(np.abs(shift)) > 1e-4  # there is something to correct
+        per_image = err.reshape(err.shape[0], -1, err.shape[-1]).mean(1)  # [N, O]
+        shift = per_image.mean(0)
+        std_err = per_image.std(0, ddof=1) / np.sqrt(per_image.shape[0])
+        assert np.min(np.abs(np.abs(shift) - z * std_err)) > 1e-4 * np.max(np.abs(shift))  # no borderline channel
+        mask = np.abs(shift) > z * std_err
+        kept, fixed = kept + int(np.sum(~mask)), fixed + int(np.sum(mask))
+        st = bc.meta["bias_correction"][name]
+        assert st["corrected"] == int(mask.sum())
+        assert st["max_shift"] == pytest.approx(np.max(np.abs(shift)), rel=1e-3)
+        assert set(st) == {"loss_before", "loss_after", "max_shift", "corrected", "seconds"}
+        if bias == "float":  # exactly the significant channels change
+            np.testing.assert_array_equal(np_bias(q_bc) != np_bias(q_rtn), mask, err_msg=name)
         # int16: the corrected float bias requantized (one half step of the fresh scale more)
         tol = 2e-5 * (np.max(np.abs(b)) + 1.0) + (0.5 * float(q_bc["b_scale"]) if bias == "int16" else 0.0)
-        np.testing.assert_allclose(np_bias(q_bc), np_bias(q_rtn) - shift, rtol=0, atol=tol, err_msg=name)
-        # after the correction the per-channel mean error on the calibration set is ~0
+        np.testing.assert_allclose(np_bias(q_bc), np_bias(q_rtn) - np.where(mask, shift, 0.0), rtol=0, atol=tol,
+                                   err_msg=name)
+        # after the correction the mean error of a corrected channel on the calibration set is ~0
         err2 = np_linear(lp.info, x_q, wq, np_bias(q_bc)) - np_linear(lp.info, fi[name], w, b)
-        assert np.max(np.abs(err2.reshape(-1, err2.shape[-1]).mean(0))) < tol
-        st = bc.meta["bias_correction"][name]
-        assert st["max_shift"] == pytest.approx(np.max(np.abs(shift)), rel=1e-3)
-        assert set(st) == {"loss_before", "loss_after", "max_shift", "seconds"}
+        assert np.max(np.abs(err2.reshape(-1, err2.shape[-1]).mean(0)[mask]), initial=0.0) < tol
+    assert fixed > 0 and (kept > 0) == (z > 0)  # z = 2 leaves some channels alone here, z = 0 none
     assert "reconstruction" not in bc.meta
+
+
+@pytest.mark.parametrize("quant_field,recon_field,bad,want", [
+    ("recon_iters", "iters", -1, ">= 0"), ("recon_batch_size", "batch_size", 0, ">= 1"), ("recon_lr", "lr", 0.0, "> 0"),
+    ("recon_reg_weight", "reg_weight", -1.0, ">= 0"), ("recon_loss", "loss", "l1", "one of ('mse', 'mae')"),
+    ("recon_qdrop", "qdrop_prob", 1.0, "in [0, 1)")])
+def test_quant_and_recon_configs_share_one_check(quant_field, recon_field, bad, want):
+    for cls, field in ((QuantConfig, quant_field), (ReconConfig, recon_field)):
+        with pytest.raises(ValueError) as e:
+            cls(**{field: bad})
+        assert str(e.value) == f"{cls.__name__}.{field} must be {want}, got {bad!r}"
+
+
+def test_significant_shift_rule():
+    d = np.array([[1.0, 0.1, 5.0, 0.0], [1.2, -0.1, 5.0, 0.0], [0.8, 0.3, 5.0, 0.0]])  # [N=3 images, O=4]
+    # means 1.0, 0.1, 5.0, 0; std_err 0.2/sqrt(3), 0.2/sqrt(3), 0, 0
+    np.testing.assert_array_equal(rec.significant_shift(d, 2.0), [1.0, 0.0, 5.0, 0.0])
+    np.testing.assert_array_equal(rec.significant_shift(d, 0.0), d.mean(0))
+    np.testing.assert_array_equal(rec.significant_shift(d, 10.0), [0.0, 0.0, 5.0, 0.0])
+    np.testing.assert_array_equal(rec.significant_shift(d[:1], 2.0), np.zeros(4))  # one image: no estimate
+    np.testing.assert_array_equal(rec.significant_shift(d[:1], 0.0), d[0])
+    with pytest.raises(ValueError, match="QuantConfig.bias_correction_z"):
+        QuantConfig(bias_correction_z=-1.0)
 
 
 def test_bias_correction_int16_requantizes_the_corrected_bias():
@@ -407,7 +442,7 @@ def test_cli_recon_preset_end_to_end(tmp_path, capsys):
               "--calib-batch-size", "6", "--float-layers", *FLOAT, "--no-progress"]
     q, report = tmp_path / "q", tmp_path / "r.json"
     assert main([*common, "--preset", "cfws_kl_recon", "--iters", "40", "--recon-batch-size", "4", "--bias-correction",
-                 "--recon-unit", "layer", "--out", str(q), "--report", str(report)]) == 0
+                 "--bias-correction-z", "1.5", "--recon-unit", "layer", "--out", str(q), "--report", str(report)]) == 0
     out, err = capsys.readouterr()
     assert "recon_loss_after" in out and "reconstruction: 3 layers" in err and "bias correction: 3 layers" in err
     rep = json.loads(report.read_text())
@@ -415,14 +450,16 @@ def test_cli_recon_preset_end_to_end(tmp_path, capsys):
     qm = load_quantized(q)
     assert qm.config.reconstruct and qm.config.bias_correction and qm.config.recon_iters == 40
     assert qm.config.recon_batch_size == 4 and sorted(qm.meta["reconstruction"]) == sorted(REFINED)
-    assert qm.config.recon_unit == "layer"
+    assert qm.config.recon_unit == "layer" and qm.config.bias_correction_z == 1.5
     assert main(["eval", "--arch", ARCH, "--quantized", str(q), "--data", str(data), "--split", "test", "--json",
                  "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 8
     # errors are one line: tuning flags without reconstruction, a bad QDrop probability
     for extra, msg in ((["--preset", "cfws_kl", "--iters", "5"], "--iters: reconstruction options, but preset cfws_kl does not reconstruct"),
                        (["--preset", "cfws_kl_recon", "--qdrop", "1.5"], "--qdrop must be in [0, 1)"),
-                       (["--preset", "cfws_kl_bc", "--recon-unit", "block"], "--recon-unit: reconstruction options")):
+                       (["--preset", "cfws_kl_bc", "--recon-unit", "block"], "--recon-unit: reconstruction options"),
+                       (["--preset", "cfws_kl", "--bias-correction-z", "1"], "--bias-correction-z: preset cfws_kl does not"),
+                       (["--preset", "cfws_kl_bc", "--bias-correction-z", "-1"], "bias_correction_z must be")):
         assert main([*common, *extra, "--out", str(tmp_path / "q2")]) == 1
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(errors) == 1 and errors[0].startswith("cfws-jax ptq: error: ") and msg in errors[0]

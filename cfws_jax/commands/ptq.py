@@ -3,11 +3,14 @@
     cfws-jax ptq --arch ARCH --params DIR --calib-data SRC --preset NAME --out QDIR
                  [--report FILE.json|FILE.csv] [--num-calib 32] [--seed 0] [--order sequential]
                  [--w-bits 8] [--a-bits 8] [--act-method M] [--float-layers PAT ...]
-                 [--keep-float K] [--bias-correction] [--reconstruct] [--iters 200]
+                 [--keep-float K] [--bias-correction] [--bias-correction-z 2] [--reconstruct] [--iters 200]
                  [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P]
 
 ``--keep-float K`` runs the single-layer sensitivity analysis and keeps the K most sensitive
-layers in float (partial quantization). The calibration images are a seeded random subset of
+layers in float (partial quantization). The final model's calibration reuses what the ranking
+model's calibration settled (``quantize(reuse=...)``): every point defined alike with
+``--order parallel``; with ``sequential`` the points upstream of the first float layer (those
+after it see another network and are calibrated again). The calibration images are a seeded random subset of
 ``--calib-split`` (default ``train``), disjoint from an evaluation on ``val``/``test``.
 
 Detectors (family ``yolov6``; ``--arch yolov6s`` takes the version the params folder records):
@@ -65,6 +68,9 @@ def register(sub) -> None:
                         "letterbox canvas, default 640)")
     p.add_argument("--bias-correction", action="store_true",
                    help="after calibration, remove each layer's mean output shift per channel (cfws_kl_bc)")
+    p.add_argument("--bias-correction-z", type=float, default=None, metavar="Z",
+                   help="bias correction: correct a channel only where its mean shift exceeds Z standard errors "
+                        "(over the calibration images; default 2, 0 = every channel)")
     p.add_argument("--reconstruct", action="store_true",
                    help="after calibration, learn each layer's weight rounding (AdaRound; cfws_kl_recon)")
     p.add_argument("--iters", type=int, default=None, help="reconstruction: Adam steps per layer or block (default 200; 2000 or more on a GPU)")
@@ -90,7 +96,8 @@ def _overrides(args) -> dict:
                        ("seed", "seed"), ("order", "calib_order"), ("w_bits", "w_bits"), ("a_bits", "a_bits"),
                        ("act_method", "act_method"), ("iters", "recon_iters"),
                        ("recon_batch_size", "recon_batch_size"), ("recon_loss", "recon_loss"),
-                       ("qdrop", "recon_qdrop"), ("recon_unit", "recon_unit")):
+                       ("qdrop", "recon_qdrop"), ("recon_unit", "recon_unit"),
+                       ("bias_correction_z", "bias_correction_z")):
         v = getattr(args, arg)
         if v is not None:
             o[field] = v
@@ -150,6 +157,9 @@ def run(args) -> int:
 
     mesh = mesh_from_args(args)  # validates --devices before any work
     config = get_preset(args.preset, **_overrides(args))
+    if getattr(args, "bias_correction_z", None) is not None and not config.bias_correction:
+        raise ValueError(f"--bias-correction-z: preset {args.preset} does not correct biases; use --preset cfws_kl_bc "
+                         "or add --bias-correction")
     given = [flag for attr, flag in _RECON_FLAGS if getattr(args, attr, None) is not None]
     if given and not config.reconstruct:
         raise ValueError(f"{', '.join(given)}: reconstruction options, but preset {args.preset} does not reconstruct; "
@@ -185,7 +195,7 @@ def run(args) -> int:
         print("most sensitive layers (kept in float): " + ", ".join(
             f"{r['layer']} ({sensitivity_db(r):.1f} dB)" for r in ranking[: args.keep_float]), file=sys.stderr)
         config = config.replace(float_layers=tuple(config.float_layers) + keep)
-        qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh)
+        qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh, reuse=qm)
     report = layer_report(qm, variables, batches[0][:8])
     import jax
 

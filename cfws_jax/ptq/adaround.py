@@ -63,13 +63,13 @@ import optax
 from cfws_jax.models.layers import activation
 from cfws_jax.ptq.calibrate import _geometry
 from cfws_jax.ptq.graph import LayerInfo
+from cfws_jax.ptq.recon_checks import check_recon
 from cfws_jax.ptq.runtime import layer_linear
 from cfws_jax.ptq.weights import dequantize_layer
 from cfws_jax.quant import ZERO_AMAX, fake_quant_symmetric, int_range, round_values
 
 ZETA = 1.1
 GAMMA = -0.1
-LOSSES = ("mse", "mae")
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
 """How many times the jitted reconstruction (``"train"``) and evaluation (``"eval"``) functions
@@ -319,17 +319,13 @@ class ReconConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.iters < 0 or self.batch_size < 1:
-            raise ValueError(f"ReconConfig: iters must be >= 0 and batch_size >= 1, got {self.iters}, "
-                             f"{self.batch_size}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"ReconConfig.loss must be one of {LOSSES}, got {self.loss!r}")
-        if not 0.0 <= self.qdrop_prob < 1.0:
-            raise ValueError(f"ReconConfig.qdrop_prob must be in [0, 1), got {self.qdrop_prob}")
+        check_recon("ReconConfig", iters=("iters", self.iters), batch_size=("batch_size", self.batch_size),
+                    lr=("lr", self.lr), reg_weight=("reg_weight", self.reg_weight), loss=("loss", self.loss),
+                    qdrop=("qdrop_prob", self.qdrop_prob))
         if not 0.0 <= self.warmup <= 1.0:
             raise ValueError(f"ReconConfig.warmup must be in [0, 1], got {self.warmup}")
-        if not (self.lr > 0 and self.beta_start > 0 and self.beta_end > 0 and self.reg_weight >= 0):
-            raise ValueError("ReconConfig: lr, beta_start and beta_end must be > 0 and reg_weight >= 0")
+        if not (self.beta_start > 0 and self.beta_end > 0):
+            raise ValueError(f"ReconConfig.beta_start and beta_end must be > 0, got {self.beta_start}, {self.beta_end}")
 
 
 def _layer_out(geom, act, kernel, bias, x, unrolled: bool = False):
@@ -472,6 +468,9 @@ def reconstruct_layer(q, kernel, bias, *, info: LayerInfo, act, x_q, x_fp, y_fp,
     codes change); ``stats = {"loss_before", "loss_after", "seconds", "accepted"}`` (+ ``"in_amax"``
     with ``rcfg.learn_act_step`` and an ``:in`` point), losses per element on all N rows;
     ``loss_after <= loss_before`` always (``q`` itself is returned when learning does not help).
+    ``rcfg.iters == 0`` returns ``q``'s codes unchanged (round-to-nearest when ``q`` comes from
+    :func:`cfws_jax.ptq.weights.quantize_layer`, plain and CFWS alike), only measured
+    (:func:`kept_stats`).
     """
     del config
     t0 = time.perf_counter()
@@ -498,6 +497,16 @@ def reconstruct_layer(q, kernel, bias, *, info: LayerInfo, act, x_q, x_fp, y_fp,
     hyper = {k: jnp.float32(v) for k, v in dict(
         iters=rcfg.iters, lr=rcfg.lr, reg_weight=rcfg.reg_weight, beta_start=rcfg.beta_start,
         beta_end=rcfg.beta_end, warmup=rcfg.warmup, qdrop=rcfg.qdrop_prob).items()}
+    per = float(np.prod(y_fp.shape))
+
+    def loss_of(qq, amax) -> float:
+        k = jnp.asarray(dequantize_layer(qq)["kernel"])
+        sums = [_eval_chunk(k, b, x_q, y_fp, jnp.float32(amax), in_qmax, jnp.int32(i), geom=geom, act=act,
+                            rounding=rounding, loss=rcfg.loss, batch=batch) for i in range(0, n, batch)]
+        return float(np.sum(np.asarray(sums, np.float64))) / per
+
+    if rcfg.iters == 0:
+        return dict(q), kept_stats(loss_of, q, amax0, learn_act)
     params = _init_params(r.vf0, r.vc0, amax0, learn_act)
     opt_state = optax.adam(hyper["lr"]).init(params)
     args = (r.arrays(), b, x_q, x_fp, y_fp, amax0, in_qmax, jnp.float32(r.qmax), hyper)
@@ -507,16 +516,21 @@ def reconstruct_layer(q, kernel, bias, *, info: LayerInfo, act, x_q, x_fp, y_fp,
                                   params, opt_state, rcfg, n, batch)
     new_q = harden(r, q, params["vf"], params["vc"])
     amax1 = np.float32(_amax_of(params, amax0, learn_act))
-    per = float(np.prod(y_fp.shape))
-
-    def loss_of(qq, amax) -> float:
-        k = jnp.asarray(dequantize_layer(qq)["kernel"])
-        sums = [_eval_chunk(k, b, x_q, y_fp, jnp.float32(amax), in_qmax, jnp.int32(i), geom=geom, act=act,
-                            rounding=rounding, loss=rcfg.loss, batch=batch) for i in range(0, n, batch)]
-        return float(np.sum(np.asarray(sums, np.float64))) / per
-
     out_q, stats = accept_if_better(loss_of, q, new_q, amax0, amax1, learn_act, t0)
     return (dict(out_q) if out_q is q else out_q), stats
+
+
+def kept_stats(loss_of, stored, amax0, learn_act: bool) -> dict:
+    """The statistics of zero iterations: ``stored`` (round-to-nearest, as quantized) kept and
+    measured, ``{"loss_before" == "loss_after", "seconds": 0.0, "accepted": False}`` (+ ``"in_amax"``:
+    ``amax0``, with ``learn_act``). The hardened initial variables are not used: for CFWS centre
+    taps they are not round-to-nearest (the coarse code rounds half up and the fine code against
+    a blend of both coarse choices' residuals)."""
+    loss = loss_of(stored, amax0)
+    stats = {"loss_before": loss, "loss_after": loss, "seconds": 0.0, "accepted": False}
+    if learn_act:
+        stats["in_amax"] = float(amax0)
+    return stats
 
 
 def accept_if_better(loss_of, old, new, amax0, amax1, learn_act: bool, t0: float):

@@ -30,8 +30,8 @@ import optax
 
 from cfws_jax.models.layers import activation
 from cfws_jax.ptq.adaround import (TRACE_COUNTS, ReconConfig, _amax_of, _err, _quant_in, accept_if_better,
-                                   beta_schedule, harden, prepare_rounding, qdrop_mask, rounding_regularizer,
-                                   run_steps, soft_kernel, train_lowering_unrolled)
+                                   beta_schedule, harden, kept_stats, prepare_rounding, qdrop_mask,
+                                   rounding_regularizer, run_steps, soft_kernel, train_lowering_unrolled)
 from cfws_jax.ptq.calibrate import _geometry
 from cfws_jax.ptq.graph import LayerInfo
 from cfws_jax.ptq.runtime import layer_linear
@@ -158,7 +158,7 @@ def reconstruct_unit(layers, *, x_q, x_fp, y_fp, in_quant, rcfg: ReconConfig) ->
     Returns ``(new stored arrays per layer, stats)``, stats ``{"loss_before", "loss_after",
     "seconds", "accepted"}`` (+ ``"in_amax"`` with ``rcfg.learn_act_step``): per-element losses
     of the unit's output on all N rows; the stored arrays are returned unchanged when learning
-    does not lower the loss.
+    does not lower the loss, and with ``rcfg.iters == 0`` (round-to-nearest kept, only measured).
     """
     t0 = time.perf_counter()
     if len(layers) < 2 or any(u.link is None for u in layers[:-1]) or layers[-1].link is not None:
@@ -184,6 +184,18 @@ def reconstruct_unit(layers, *, x_q, x_fp, y_fp, in_quant, rcfg: ReconConfig) ->
     hyper = {k: jnp.float32(v) for k, v in dict(
         iters=rcfg.iters, lr=rcfg.lr, reg_weight=rcfg.reg_weight, beta_start=rcfg.beta_start,
         beta_end=rcfg.beta_end, warmup=rcfg.warmup, qdrop=rcfg.qdrop_prob).items()}
+    per = float(np.prod(y_fp.shape))
+
+    def loss_of(qs, amax) -> float:
+        deq = [dequantize_layer({k: np.asarray(v) for k, v in q.items()}) for q in qs]
+        kernels = [jnp.asarray(d["kernel"]) for d in deq]
+        sums = [_unit_eval_chunk(kernels, biases, amaxes, qmaxes, x_q, y_fp, jnp.float32(amax), in_qmax,
+                                 jnp.int32(i), geoms=geoms, acts=acts, links=links, rounding=rounding,
+                                 loss=rcfg.loss, batch=batch) for i in range(0, n, batch)]
+        return float(np.sum(np.asarray(sums, np.float64))) / per
+
+    if rcfg.iters == 0:
+        return [dict(u.q) for u in layers], kept_stats(loss_of, [u.q for u in layers], amax0, learn_act)
     params = {"layers": [{"vf": jnp.asarray(r.vf0), "vc": jnp.asarray(r.vc0)} for r in rs]}
     if learn_act:
         params["log_amax"] = jnp.log(jnp.maximum(amax0, ZERO_AMAX))
@@ -198,15 +210,5 @@ def reconstruct_unit(layers, *, x_q, x_fp, y_fp, in_quant, rcfg: ReconConfig) ->
         params, opt_state, rcfg, n, batch)
     new_qs = [harden(r, u.q, v["vf"], v["vc"]) for r, u, v in zip(rs, layers, params["layers"])]
     amax1 = np.float32(_amax_of(params, amax0, learn_act))
-    per = float(np.prod(y_fp.shape))
-
-    def loss_of(qs, amax) -> float:
-        deq = [dequantize_layer({k: np.asarray(v) for k, v in q.items()}) for q in qs]
-        kernels = [jnp.asarray(d["kernel"]) for d in deq]
-        sums = [_unit_eval_chunk(kernels, biases, amaxes, qmaxes, x_q, y_fp, jnp.float32(amax), in_qmax,
-                                 jnp.int32(i), geoms=geoms, acts=acts, links=links, rounding=rounding,
-                                 loss=rcfg.loss, batch=batch) for i in range(0, n, batch)]
-        return float(np.sum(np.asarray(sums, np.float64))) / per
-
     out_qs, stats = accept_if_better(loss_of, [u.q for u in layers], new_qs, amax0, amax1, learn_act, t0)
     return [dict(q) for q in out_qs], stats

@@ -46,6 +46,28 @@ def _check_finite(value, name: str):
         raise ValueError(f"{name}: calibration activations contain NaN or Inf")
 
 
+def reusable_amax(old_plan: Plan, old_amax, new_plan: Plan, order: str) -> dict[int, float]:
+    """``{new point index: amax}`` of the points of ``new_plan`` whose calibration an earlier run
+    (``old_plan``, its calibrated ``old_amax`` ``(P_old,)``, same model, images and settings but
+    other float layers) already settled, bit for bit:
+
+    * ``"parallel"``: every point defined alike in both plans (its statistics come from the float
+      network, which the plan does not change);
+    * ``"sequential"``: the points of the layers before the first layer whose plan differs (a
+      point sees the quantized network upstream of it: after that layer it is another network).
+    """
+    old = {p.name: (p, float(a)) for p, a in zip(old_plan.points, np.asarray(old_amax, np.float32))}
+    same = {i: old[p.name][1] for i, p in enumerate(new_plan.points) if p.name in old and old[p.name][0] == p}
+    if order == "parallel":
+        return same
+    prefix = set()
+    for a, b in zip(old_plan.layers, new_plan.layers):
+        if a != b:
+            break
+        prefix.update(i for i in (b.in_point, b.out_point) if i is not None)
+    return {i: v for i, v in same.items() if i in prefix}
+
+
 def _shard(weights, batches, mesh):
     """Replicated weights, batches sharded over ``mesh`` (padded) and their row masks (None
     without a mesh: the single-device path, unchanged)."""
@@ -59,12 +81,17 @@ def _shard(weights, batches, mesh):
 
 
 def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig, progress=True,
-                       mesh=None) -> np.ndarray:
+                       mesh=None, known=None) -> np.ndarray:
     """amax ``(P,)`` of every point from the float network (``weights`` = float weights).
 
     ``mesh``: a :func:`cfws_jax.parallel.local_mesh` (or device count) to shard every batch over
-    (padding rows masked out; maxes and exact integer histogram counts reduced by XLA)."""
+    (padding rows masked out; maxes and exact integer histogram counts reduced by XLA).
+    ``known``: ``{point index: amax}`` already settled (:func:`reusable_amax`): taken as they are,
+    their amax search skipped, and no pass at all when every point is known."""
     P = len(plan.points)
+    known = dict(known or {})
+    if P and all(i in known for i in range(P)):
+        return np.asarray([known[i] for i in range(P)], np.float32)
     rows = [int(b.shape[0]) for b in batches]
     n_img = sum(rows)
     weights, batches, masks = _shard(weights, batches, mesh)
@@ -86,8 +113,8 @@ def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig,
         states = fwd(weights, dummy, qmax, off, x, states=states, mask=k)["states"]
         bar.update(r)
     bar.close()
-    return np.asarray([_amax_from(p, s, m, config) for p, s, m in zip(plan.points, states, maxes)],
-                      np.float32)
+    return np.asarray([known[i] if i in known else _amax_from(p, s, m, config)
+                       for i, (p, s, m) in enumerate(zip(plan.points, states, maxes))], np.float32)
 
 
 def calibrate_sequential_reference(model, plan: Plan, weights, batches, config: QuantConfig,
@@ -251,8 +278,24 @@ def run_in_lockstep(jobs, run_one, barrier: threading.Barrier) -> None:
         raise errors[0]
 
 
+def _settle_point(p, slots, masks, config: QuantConfig) -> float:
+    """amax of point ``p`` from its tensor in every batch (``slots``): max, then the fixed
+    ``[0, max]`` histogram and the amax search (``max``: the max itself)."""
+    relu = p.mode == "relu"
+    m = 0.0
+    for t, k in zip(slots, masks):
+        m = max(m, float(_max_fn(t, k, relu=relu)))
+    _check_finite(m, p.name)
+    if p.method == "max":
+        return m
+    state = calib.init(config.num_bins, "abs", "fixed", m)
+    for t, k in zip(slots, masks):
+        state = _hist_fn(state, t, k, relu=relu)
+    return _amax_from(p, state, m, config)
+
+
 def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfig, progress=True,
-                         mesh=None) -> np.ndarray:
+                         mesh=None, known=None) -> np.ndarray:
     """amax ``(P,)`` as :func:`calibrate_sequential_reference` computes it, bit for bit, in one
     pass through the network.
 
@@ -267,13 +310,19 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
     ``mesh``: as in :func:`calibrate_parallel`; every batch is sharded over it, the layers run
     SPMD on the shards and each point's max / histogram is reduced over the devices by XLA
     (padding rows masked out, counts exact).
+    ``known``: ``{point index: amax}`` already settled upstream of every other point
+    (:func:`reusable_amax`): taken as they are, without their max, histogram and amax search;
+    no pass at all when every point is known.
     """
     P = len(plan.points)
     n_img = sum(int(b.shape[0]) for b in batches)
-    weights, batches, masks = _shard(weights, batches, mesh)
+    known = dict(known or {})
     amax = np.zeros((P,), np.float32)
     if P == 0:
         return amax
+    if all(i in known for i in range(P)):
+        return np.asarray([known[i] for i in range(P)], np.float32)
+    weights, batches, masks = _shard(weights, batches, mesh)
     qmax = [jnp.asarray(p.spec.qmax, jnp.float32) for p in plan.points]
     by_name = {lp.info.name: lp for lp in plan.layers}
     geoms = {lp.info.name: _geometry(lp.info) for lp in plan.layers}
@@ -289,18 +338,10 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
     def settle():  # run by exactly one thread, once all batches hold the tensor of point current[0]
         i = current[0]
         p = plan.points[i]
-        relu = p.mode == "relu"
-        m = 0.0
-        for t, k in zip(slots, masks):
-            m = max(m, float(_max_fn(t, k, relu=relu)))
-        _check_finite(m, p.name)
-        if p.method == "max":
-            amax[i] = m
+        if i in known:  # settled by an earlier run with the same upstream
+            amax[i] = known[i]
         else:
-            state = calib.init(config.num_bins, "abs", "fixed", m)
-            for t, k in zip(slots, masks):
-                state = _hist_fn(state, t, k, relu=relu)
-            amax[i] = _amax_from(p, state, m, config)
+            amax[i] = _settle_point(p, slots, masks, config)
         done = (n_img * (i + 1)) // P  # whole images: the bar shows integers
         bar.update(done - shown[0])
         shown[0] = done

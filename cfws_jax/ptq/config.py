@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from typing import Literal
 
 from cfws_jax.calib import METHODS
+from cfws_jax.ptq.recon_checks import check_recon
 from cfws_jax.quant import ROUNDINGS
 
 CalibOrder = Literal["sequential", "parallel"]
 BIAS_MODES = ("float", "int16")
-RECON_LOSSES = ("mse", "mae")
 RECON_UNITS = ("block", "layer")
 
 
@@ -72,7 +73,11 @@ class QuantConfig:
       num_calib_images / calib_batch_size / seed: calibration sample (``seed`` also seeds the
         reconstruction's minibatches).
       bias_correction: after calibration, subtract from every quantized layer's bias the mean
-        (over calibration images and positions) of its pre-activation output error.
+        (over calibration images and positions) of its pre-activation output error, in the
+        channels where it is significant (``bias_correction_z``).
+      bias_correction_z: a channel's mean shift is corrected only where ``|mean| > z * std_err``
+        (``std_err`` over the per-image means; :func:`cfws_jax.ptq.reconstruct.significant_shift`);
+        0 corrects every channel.
       reconstruct: after calibration, learn every quantized layer's weight rounding on the
         calibration images (:func:`cfws_jax.ptq.adaround.reconstruct_layer`); with
         ``bias_correction`` too, each layer is corrected after its reconstruction.
@@ -113,6 +118,7 @@ class QuantConfig:
     calib_batch_size: int = 32
     seed: int = 0
     bias_correction: bool = False
+    bias_correction_z: float = 2.0
     reconstruct: bool = False
     recon_iters: int = 200
     recon_batch_size: int = 32
@@ -144,16 +150,12 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.num_calib_images < 1 or self.calib_batch_size < 1:
             raise ValueError("QuantConfig.num_calib_images and calib_batch_size must be >= 1")
-        if self.recon_iters < 0 or self.recon_batch_size < 1:
-            raise ValueError(f"QuantConfig.recon_iters must be >= 0 and recon_batch_size >= 1, got "
-                             f"{self.recon_iters} and {self.recon_batch_size}")
-        if not self.recon_lr > 0 or not self.recon_reg_weight >= 0:
-            raise ValueError(f"QuantConfig.recon_lr must be > 0 and recon_reg_weight >= 0, got "
-                             f"{self.recon_lr} and {self.recon_reg_weight}")
-        if self.recon_loss not in RECON_LOSSES:
-            raise ValueError(f"QuantConfig.recon_loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
-        if not 0.0 <= self.recon_qdrop < 1.0:
-            raise ValueError(f"QuantConfig.recon_qdrop must be in [0, 1), got {self.recon_qdrop}")
+        check_recon("QuantConfig", iters=("recon_iters", self.recon_iters),
+                    batch_size=("recon_batch_size", self.recon_batch_size), lr=("recon_lr", self.recon_lr),
+                    reg_weight=("recon_reg_weight", self.recon_reg_weight), loss=("recon_loss", self.recon_loss),
+                    qdrop=("recon_qdrop", self.recon_qdrop))
+        if not (math.isfinite(self.bias_correction_z) and self.bias_correction_z >= 0):
+            raise ValueError(f"QuantConfig.bias_correction_z must be a finite number >= 0, got {self.bias_correction_z}")
         if self.recon_unit not in RECON_UNITS:
             raise ValueError(f"QuantConfig.recon_unit must be one of {RECON_UNITS}, got {self.recon_unit!r}")
         object.__setattr__(self, "float_layers", tuple(self.float_layers))

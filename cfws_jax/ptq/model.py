@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from cfws_jax.ptq.calibrate import calibrate_parallel, calibrate_sequential
+from cfws_jax.ptq.calibrate import calibrate_parallel, calibrate_sequential, reusable_amax
 from cfws_jax.ptq.config import QuantConfig
 from cfws_jax.ptq.graph import discover_layers
 from cfws_jax.ptq.runtime import Plan, build_plan, forward_key, make_forward
@@ -103,7 +103,8 @@ def _stack_batches(calibration_batches) -> list[jnp.ndarray]:
 
 
 def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, config: QuantConfig = QuantConfig(),
-             *, num_classes: int | None = None, progress: bool = True, mesh=None) -> QuantizedModel:
+             *, num_classes: int | None = None, progress: bool = True, mesh=None,
+             reuse: "QuantizedModel | None" = None) -> QuantizedModel:
     """Calibrate and quantize a model.
 
     Args:
@@ -118,6 +119,11 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
     With ``config.reconstruct`` / ``config.bias_correction`` the layers are then reconstructed /
     bias-corrected on the same images (:func:`cfws_jax.ptq.reconstruct.refine`, one device);
     per-layer statistics land in ``meta["reconstruction"]`` / ``meta["bias_correction"]``.
+
+    ``reuse``: an earlier, unrefined result on the same model, images and config except
+    ``float_layers`` (``--keep-float`` quantizes again with the most sensitive layers in float):
+    the amax its calibration settled for points whose statistics cannot differ are taken as they
+    are (:func:`cfws_jax.ptq.calibrate.reusable_amax`); the result is the same as without it.
     """
     batches = _stack_batches(calibration_batches)
     arch, model, params = resolve_model(arch_or_model, variables, num_classes)
@@ -132,10 +138,17 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
         q_layers[lp.info.name] = quantize_layer(p["kernel"], p.get("bias"), lp.scheme, lp.w_bits, config)
     quant_w = {n: {k: jnp.asarray(v) for k, v in dequantize_layer(q).items()} for n, q in q_layers.items()}
 
+    known = None
+    if reuse is not None:
+        if reuse.config.replace(float_layers=()) != config.replace(float_layers=(), reconstruct=False,
+                                                                   bias_correction=False):
+            raise ValueError("quantize(reuse=...): the earlier result must have the same config up to float_layers "
+                             "and no reconstruction / bias correction")
+        known = reusable_amax(reuse.plan, reuse.act_amax, plan, config.calib_order)
     if config.calib_order == "parallel":
-        amax = calibrate_parallel(model, plan, float_w, batches, config, progress, mesh=mesh)
+        amax = calibrate_parallel(model, plan, float_w, batches, config, progress, mesh=mesh, known=known)
     else:
-        amax = calibrate_sequential(model, plan, quant_w, batches, config, progress, mesh=mesh)
+        amax = calibrate_sequential(model, plan, quant_w, batches, config, progress, mesh=mesh, known=known)
 
     n_cls = params_num_classes(params)
     meta = {"format": FORMAT, "num_classes": int(layers[-1].out_shape[-1]) if n_cls is None else n_cls,

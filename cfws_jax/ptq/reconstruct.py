@@ -23,7 +23,10 @@ order (``plan.layers``), skipping ``float`` layers, and for each layer:
    on (the correction then removes the mean shift that the final codes leave): per output
    channel, ``b -= mean over images and positions of linear(q_in(x_q), W_q, b_q) -
    linear(x_fp, W, b)`` (pre-activation; ``W_q`` / ``b_q`` the dequantized stored weights,
-   ``q_in`` the layer's ``:in`` quantizer). Stored as the float ``bias``, or requantized to
+   ``q_in`` the layer's ``:in`` quantizer), only where that mean is significant: ``|mean| >
+   z * std_err`` with ``z = config.bias_correction_z`` (default 2) and ``std_err`` from the
+   per-image means (:func:`significant_shift`; a shift estimated from a few hundred images is
+   mostly noise where it is tiny, and subtracting noise costs accuracy at W8A8). Stored as the float ``bias``, or requantized to
    int16 codes with a fresh per-tensor scale (``bias="int16"``, as
    :func:`cfws_jax.ptq.weights.quantize_layer` makes them). Layers without a bias are left alone.
 
@@ -33,7 +36,8 @@ Statistics (``QuantizedModel.meta``, saved and restored with the model):
 and the learned rounding; ``seconds`` the learning alone, ``capture_seconds`` the forward up to
 the layer and its float target; ``recon_iters=0`` keeps the round-to-nearest codes and only
 measures) and ``meta["bias_correction"][layer] = {"loss_before", "loss_after", "max_shift",
-"seconds"}`` (the layer output's loss before / after the correction); ``meta["refine_seconds"]``
+"corrected", "seconds"}`` (the layer output's loss before / after the correction, the largest
+estimated shift, the number of channels corrected); ``meta["refine_seconds"]``
 the whole pass.
 
 Granularity (``config.recon_unit``): ``"block"`` (default) reconstructs each YOLOv6 RepBlock
@@ -181,22 +185,37 @@ def _in_args(in_quant):
     return jnp.float32(amax), jnp.float32(qmax), rounding
 
 
-def mean_shift(info, q: Mapping, kernel, bias, x_q, x_fp, in_quant, chunk: int = 32) -> np.ndarray:
-    """``(O,)`` float64: mean over rows and positions of the pre-activation output error of the
-    stored layer ``q`` (dequantized) on ``q_in(x_q)`` against the float ``kernel`` / ``bias`` on
-    ``x_fp`` (``[N, ...]`` arrays; ``in_quant`` None or ``(amax, qmax, rounding)``)."""
+def image_shifts(info, q: Mapping, kernel, bias, x_q, x_fp, in_quant, chunk: int = 32) -> np.ndarray:
+    """``[N, O]`` float64: per image, the mean over positions of the pre-activation output error
+    of the stored layer ``q`` (dequantized) on ``q_in(x_q)`` against the float ``kernel`` /
+    ``bias`` on ``x_fp`` (``[N, ...]`` arrays; ``in_quant`` None or ``(amax, qmax, rounding)``)."""
     deq = dequantize_layer({k: np.asarray(v) for k, v in q.items()})
     kq, bq = jnp.asarray(deq["kernel"]), jnp.asarray(deq["bias"]) if "bias" in deq else None
     kf, bf = jnp.asarray(kernel, jnp.float32), None if bias is None else jnp.asarray(bias, jnp.float32)
     amax, qmax, rounding = _in_args(in_quant)
     geom = _geometry(info)
-    total = None
-    for a, b in _chunks(x_q.shape[0], chunk):
-        rows = np.asarray(_shift_rows(jnp.asarray(x_q[a:b]), jnp.asarray(x_fp[a:b]), kq, bq, kf, bf, amax, qmax,
-                                      geom=geom, rounding=rounding), np.float64)
-        total = rows.sum(0) if total is None else total + rows.sum(0)
+    rows = [np.asarray(_shift_rows(jnp.asarray(x_q[a:b]), jnp.asarray(x_fp[a:b]), kq, bq, kf, bf, amax, qmax,
+                                   geom=geom, rounding=rounding), np.float64)
+            for a, b in _chunks(x_q.shape[0], chunk)]
     positions = int(np.prod(info.out_shape[1:-1]))  # 1 for dense layers ([1, O])
-    return total / (x_q.shape[0] * positions)
+    return np.concatenate(rows) / positions
+
+
+def significant_shift(per_image, z: float) -> np.ndarray:
+    """``(O,)`` float64: the mean over images of ``per_image`` ``[N, O]`` where it is significant,
+    ``|mean| > z * std_err`` (``std_err`` = sample std over the images, ``ddof=1``, over
+    ``sqrt(N)``: images are the independent unit, positions within one are not), else 0.
+
+    ``z = 0`` keeps every channel's mean (plain bias correction); with ``z > 0`` and one image
+    nothing is significant (no error estimate)."""
+    d = np.asarray(per_image, np.float64)
+    mean = d.mean(0)
+    if z == 0:
+        return mean
+    if d.shape[0] < 2:
+        return np.zeros_like(mean)
+    std_err = d.std(0, ddof=1) / np.sqrt(d.shape[0])
+    return np.where(np.abs(mean) > z * std_err, mean, 0.0)
 
 
 def corrected_bias(q: Mapping, shift, kernel, scheme: str, w_bits: int, config: QuantConfig) -> dict:
@@ -354,7 +373,7 @@ def _refine_layer(lp: LayerPlan, x_q, x_fp, st: dict) -> str:
     config, plan, chunk = st["config"], st["plan"], st["config"].calib_batch_size
     name, info = lp.info.name, lp.info
     q_layers, amax, fw = st["q_layers"], st["amax"], st["float_w"][name]
-    in_unit = config.reconstruct and st["rcfg"].iters > 0 and (name in st["inner"] or name in st["units"])
+    in_unit = config.reconstruct and (name in st["inner"] or name in st["units"])
     needs_target = not in_unit or (config.bias_correction and "bias" in dequantize_layer(q_layers[name]))
     t0 = time.perf_counter()
     # the layer's own float output: the target of a one-layer reconstruction and of bias correction
@@ -362,17 +381,11 @@ def _refine_layer(lp: LayerPlan, x_q, x_fp, st: dict) -> str:
     t_cap = time.perf_counter() - t0 + st["capture_seconds"]
     in_quant = _in_quant(plan, lp, amax)
     shown = []
-    if config.reconstruct and name in st["inner"] and st["rcfg"].iters > 0:
+    if config.reconstruct and name in st["inner"]:
         shown.append(f"reconstructed with {st['inner'][name]}")
-    elif config.reconstruct and name in st["units"] and st["rcfg"].iters > 0:
+    elif config.reconstruct and name in st["units"]:
         shown.append(_reconstruct_unit(st["units"][name], x_q, x_fp, st, t_cap))
         in_quant = _in_quant(plan, lp, amax)
-    elif config.reconstruct and st["rcfg"].iters == 0:
-        # keep round-to-nearest: the learner's hardened initial rounding is not RTN for CFWS centre taps
-        loss = layer_loss(info, q_layers[name], x_q, y_fp, in_quant, config.recon_loss, chunk)
-        st["recon"][name] = {"loss_before": loss, "loss_after": loss, "seconds": 0.0, "capture_seconds": t_cap,
-                             "accepted": False}
-        shown.append(f"{loss:.4g} (0 iterations)")
     elif config.reconstruct:
         new_q, r = reconstruct_layer(q_layers[name], fw["kernel"], fw.get("bias"), info=info, act=info.act,
                                      x_q=x_q, x_fp=x_fp, y_fp=y_fp, in_quant=in_quant, w_bits=lp.w_bits,
@@ -390,12 +403,16 @@ def _refine_layer(lp: LayerPlan, x_q, x_fp, st: dict) -> str:
     if config.bias_correction and "bias" in dequantize_layer(q_layers[name]):
         t1 = time.perf_counter()
         before = layer_loss(info, q_layers[name], x_q, y_fp, in_quant, config.recon_loss, chunk)
-        shift = mean_shift(info, q_layers[name], fw["kernel"], fw.get("bias"), x_q, x_fp, in_quant, chunk)
-        q_layers[name] = corrected_bias(q_layers[name], shift, fw["kernel"], lp.scheme, lp.w_bits, config)
+        per_image = image_shifts(info, q_layers[name], fw["kernel"], fw.get("bias"), x_q, x_fp, in_quant, chunk)
+        shift = significant_shift(per_image, config.bias_correction_z)
+        if np.any(shift != 0):
+            q_layers[name] = corrected_bias(q_layers[name], shift, fw["kernel"], lp.scheme, lp.w_bits, config)
         after = layer_loss(info, q_layers[name], x_q, y_fp, in_quant, config.recon_loss, chunk)
-        st["bc"][name] = {"loss_before": before, "loss_after": after, "max_shift": float(np.max(np.abs(shift))),
+        st["bc"][name] = {"loss_before": before, "loss_after": after,
+                          "max_shift": float(np.max(np.abs(per_image.mean(0)))),
+                          "corrected": int(np.count_nonzero(shift)),
                           "seconds": time.perf_counter() - t1 + (0.0 if config.reconstruct else t_cap)}
-        shown.append(f"bc {before:.4g} -> {after:.4g}")
+        shown.append(f"bc {before:.4g} -> {after:.4g} ({np.count_nonzero(shift)}/{shift.size} channels)")
     st["quant_w"][name] = {k: jnp.asarray(v) for k, v in dequantize_layer(q_layers[name]).items()}
     return f"{name}: " + ", ".join(shown)
 
