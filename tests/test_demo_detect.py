@@ -218,29 +218,30 @@ def test_cli_table_has_every_row(files, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- the shipped detector
 
-# TODO(lead): fill these in from the measured 3-seed spread of benchmarks/bench_detect_demo.py
-# (README "Detection demo on synthetic scenes"); margins from the seed spread, not tuned to pass.
-# Until then this test skips. Keys: the held-out scene count the margins were measured on (the
-# demo's cost grows with it), the float held-out mAP@.5:.95 floor (issue 21 asks >= 50 on 1,000
-# scenes), the largest W8A8 cfws_kl drop against float, and the W6A6 margin by which cfws_kl
-# beats minmax (points of mAP@.5:.95, in %) -- check the direction of each against the measured
-# table before filling it in.
-SHIPPED_THRESHOLDS = {"eval_scenes": None, "float_map_min": None, "w8a8_cfws_kl_max_drop": None,
-                      "w6a6_cfws_kl_over_minmax": None}
+# Margins from the measured 3-seed table of benchmarks/bench_detect_demo.py (README "Measured: the
+# shipped YOLOv6n on held-out scenes"; 200 held-out scenes, 64 calibration scenes, seeds 0/1/2):
+# float 19.32; W8A8 cfws_kl 17.99 +- 0.63 (worst seed 17.28, drop 2.04); W6A6 cfws_kl 17.33 +- 0.49
+# against minmax 15.93 +- 0.12 (per-seed differences 1.19 / 0.90 / 2.13). The float mAP is
+# deterministic: its floor only leaves room for other CPUs' float rounding. Issue 21's target
+# (>= 50 on 1,000 scenes) was not reached by the CPU-trained model (README).
+SHIPPED_THRESHOLDS = {"eval_scenes": 200, "float_map_min": 18.5, "w8a8_cfws_kl_max_drop": 3.0,
+                      "w6a6_cfws_kl_over_minmax": 0.5}
 
 
 @pytest.mark.skipif(not (ASSETS_DIR / SHIPPED_MODELS["yolov6n_scenes"][1]).exists(),
-                    reason="the shipped yolov6n_scenes detector is not in cfws_jax/assets yet")
-def test_shipped_detector_table(shared_data, capsys):
-    if any(v is None for v in SHIPPED_THRESHOLDS.values()):
-        pytest.skip("TODO(lead): SHIPPED_THRESHOLDS not filled in from the measured seed spread")
+                    reason="the shipped yolov6n_scenes detector is not in cfws_jax/assets")
+def test_shipped_detector_table(shared_data):
+    """The rows the README's reading rests on (float, minmax and cfws_kl at W8A8 and W6A6; seed 0),
+    through the demo's own function, against margins taken from the seed spread."""
+    from cfws_jax.demo_detect import run_detect_demo
+
     data = shared_data("cifar10_jpeg_yoongikim.npz")
     t = SHIPPED_THRESHOLDS
-    assert main(["demo", "--task", "detect", "--data", str(data), "--eval-scenes", str(t["eval_scenes"]), "--json",
-                 "--no-progress"]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    by = {(r["setting"], r["preset"]): 100 * r["mAP"] for r in res["rows"]}
-    float_map = 100 * res["float"]["mAP"]
+    float_row, rows, info = run_detect_demo(str(data), eval_scenes=t["eval_scenes"], presets=("minmax", "cfws_kl"),
+                                            progress=False, log=io.StringIO())
+    assert (info["eval_scenes"], info["eval_objects"], info["canvas"]) == (200, 747, 160)
+    by = {(r.setting, r.preset): 100 * r.mAP for r in rows}
+    float_map = 100 * float_row.mAP
     assert float_map >= t["float_map_min"], float_map
     assert by[("W8A8", "cfws_kl")] >= float_map - t["w8a8_cfws_kl_max_drop"], (by, float_map)
     assert by[("W6A6", "cfws_kl")] >= by[("W6A6", "minmax")] + t["w6a6_cfws_kl_over_minmax"], by
