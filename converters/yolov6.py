@@ -501,9 +501,22 @@ def _mismatch(key: str, got: tuple, want: tuple) -> str:
     return f"{key} {got} (expected {want}{note})"
 
 
-def convert_yolov6(state_dict: Mapping[str, Any], arch: str | None = None, *, num_classes: int | None = None,
-                   pickled_classes: Mapping[str, str] | None = None) -> ConvertResult:
-    """YOLOv6 state dict -> :class:`~converters.common.ConvertResult` (see the module docstring)."""
+class Identified(NamedTuple):
+    """What :func:`identify_yolov6` found: the model and how the file's keys map to it."""
+    arch: str
+    form: str
+    state_dict: dict             # normalised keys, dropped keys removed, QA deploy BN folded
+    table: dict                  # {torch key: Leaf} of ``arch`` in ``form``
+    num_classes: int | None      # for create_model: None when the architecture's default
+    dialect: str                 # "yolov6" | "yolov6-0.4"
+    dropped: tuple[str, ...]
+    filled: tuple[str, ...]      # absent 0.4.x basic-block conv biases (set to 0)
+
+
+def identify_yolov6(state_dict: Mapping[str, Any], arch: str | None = None, *, num_classes: int | None = None,
+                    pickled_classes: Mapping[str, str] | None = None) -> Identified:
+    """Steps 1-4 of the module docstring: which model the state dict is, every key checked
+    (shapes only: ``state_dict`` values may be any array-likes with a ``shape``)."""
     sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     sd, was_04 = normalise_keys(sd)
     sd, dropped, _ = split_dropped(sd)
@@ -513,12 +526,11 @@ def convert_yolov6(state_dict: Mapping[str, Any], arch: str | None = None, *, nu
     cfgs = configs()
     evidence = block_evidence(pickled_classes, bool(qa_folded) or fp.basic == "qarepvgg")
     arch = resolve_arch(fp, arch, cfgs, shapes, evidence)
-    cfg = cfgs[arch]
     nc = fp.num_classes
     if num_classes is not None and num_classes != nc:
         raise ValueError(f"--num-classes {num_classes} disagrees with detect.cls_preds.0.weight "
                          f"{shapes['detect.cls_preds.0.weight']} ({nc} classes)")
-    model_nc = _model_nc(cfg, nc)
+    model_nc = _model_nc(cfgs[arch], nc)
     table = key_table(arch, fp.form, model_nc)
     filled = _absent_biases(table, shapes, fp.form)
     missing = sorted(set(table) - set(sd) - set(filled))
@@ -532,7 +544,15 @@ def convert_yolov6(state_dict: Mapping[str, Any], arch: str | None = None, *, nu
             if items:
                 parts.append(f"{title} {summary(items)}")
         raise ValueError("; ".join(parts))
-    flat = {leaf.flax: (np.zeros(leaf.flax_shape, np.float32) if k in filled else leaf_to_flax(sd[k], leaf))
-            for k, leaf in table.items()}
-    return ConvertResult(arch, fp.form, "yolov6-0.4" if was_04 or filled else "yolov6",
-                         traverse_util.unflatten_dict(flat), model_nc, tuple(dropped), tuple(filled))
+    return Identified(arch, fp.form, sd, table, model_nc, "yolov6-0.4" if was_04 or filled else "yolov6",
+                      tuple(dropped), tuple(filled))
+
+
+def convert_yolov6(state_dict: Mapping[str, Any], arch: str | None = None, *, num_classes: int | None = None,
+                   pickled_classes: Mapping[str, str] | None = None) -> ConvertResult:
+    """YOLOv6 state dict -> :class:`~converters.common.ConvertResult` (see the module docstring)."""
+    idf = identify_yolov6(state_dict, arch, num_classes=num_classes, pickled_classes=pickled_classes)
+    flat = {leaf.flax: (np.zeros(leaf.flax_shape, np.float32) if k in idf.filled else leaf_to_flax(idf.state_dict[k], leaf))
+            for k, leaf in idf.table.items()}
+    return ConvertResult(idf.arch, idf.form, idf.dialect, traverse_util.unflatten_dict(flat), idf.num_classes,
+                         idf.dropped, idf.filled)
