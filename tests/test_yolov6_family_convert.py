@@ -273,3 +273,28 @@ def test_cli_bad_family_input_is_one_line(tmp_path, monkeypatch, capsys, case):
     assert len(lines) == 1 and lines[0].startswith("cfws-jax convert: error: ") and "Traceback" not in err, err
     assert needle in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_release_files_tell_qa_v1_from_v2_by_pickled_classes(tmp_path, capsys):
+    """The torch peers (tests/yolov6_torch.py) saved as releases: the reader reports every
+    module's class (``pickled_classes``) and ``cfws-jax convert`` picks V1 / V2 without --arch."""
+    pytest.importorskip("torch")
+    pytest.importorskip("addict")
+    yt = pytest.importorskip("yolov6_torch")
+    from cfws_jax.cli import main
+    from cfws_jax.io import read_metadata
+    from converters.module_classes import YOLOV6_MODULE_CLASSES
+    from converters.torch_reader import read_state_dict
+
+    for name, cls in (("yolov6n_qa", "QARepVGGBlock"), ("yolov6n_qav2", "QARepVGGBlockV2")):
+        try:
+            yt.save_release(yt.build(name), tmp_path / f"{name}.pt")
+        except ImportError as e:
+            pytest.skip(str(e))
+        src = read_state_dict(tmp_path / f"{name}.pt", module_classes=YOLOV6_MODULE_CLASSES)
+        assert src.pickled_classes[""] == "yolov6.models.yolo.Model"
+        assert src.pickled_classes["backbone.stem"] == f"yolov6.layers.common.{cls}"
+        assert any(p.endswith(".rbr_avg") for p in src.pickled_classes) == name.endswith("v2")
+        assert main(["convert", "--checkpoint", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / name)]) == 0
+        assert f"arch        {name}" in capsys.readouterr().out
+        assert read_metadata(tmp_path / name)["metadata"]["arch"] == name

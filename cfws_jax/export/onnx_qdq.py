@@ -317,7 +317,7 @@ def _trace(model: nn.Module, infos: Mapping[str, LayerInfo], input_shape, params
     batch, = jax.export.symbolic_shape("batch")
     try:
         return jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((batch, *input_shape[1:]), jnp.float32)), batch
-    except flax.errors.ScopeParamNotFoundError as e:  # e.g. a quantized model that stores no alpha
+    except (flax.errors.ScopeParamNotFoundError, flax.errors.ScopeCollectionNotFound) as e:  # no alpha given
         raise ValueError(f"ONNX export: the network reads a parameter outside its conv layers that was not "
                          f"given ({' '.join(str(e).split())[:200]})") from None
 
