@@ -421,9 +421,17 @@ def _ambiguous(names: list[str], cfgs) -> str:
             f"classes would tell, this file has none); pass {' or '.join('--arch ' + n for n in names)}")
 
 
-def _prefilter(fp: Fingerprint, cfgs) -> list[str]:
-    """Names whose stem width (``channels_list[0]``) is the file's (cheap: no model is built)."""
-    return [n for n, c in cfgs.items() if c.channels_list[0] == fp.stem[1][0]]
+def _prefilter(fp: Fingerprint, cfgs, strict: bool = True) -> list[str]:
+    """Names whose config agrees with the file on stem width (``channels_list[0]``) and, ``strict``,
+    on head, P6, neck and CSP stages (cheap: no model is built; the fingerprint of each name's
+    expected keys still decides)."""
+    def agrees(c):
+        if c.channels_list[0] != fp.stem[1][0]:
+            return False
+        return not strict or ((c.head == "v1") == (fp.head == "v1") and bool(getattr(c, "p6", False)) == fp.p6
+                              and bool(c.bifpn) == fp.bifpn and (getattr(c, "csp_e", None) is not None) == fp.csp)
+
+    return [n for n, c in cfgs.items() if agrees(c)]
 
 
 def resolve_arch(fp: Fingerprint, hint: str | None, cfgs: Mapping[str, Any], shapes: Mapping[str, tuple],
@@ -471,7 +479,7 @@ def resolve_arch(fp: Fingerprint, hint: str | None, cfgs: Mapping[str, Any], sha
 def _no_fit(fp: Fingerprint, cfgs, want) -> str:
     """No model fits: name the closest model(s) of the file's stem width and the one difference."""
     near = []
-    for n in _prefilter(fp, cfgs):
+    for n in _prefilter(fp, cfgs, strict=False):
         w = want(n)
         diffs = sum(getattr(fp, f) != getattr(w, f) for f in ("head", "p6", "bifpn", "basic", "csp", "er3_blocks",
                                                              "csp_e", "cspsppf")) + (fp.box[1][0] != w.box[1][0])
