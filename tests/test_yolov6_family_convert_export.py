@@ -82,3 +82,33 @@ def test_official_sizes():
     from cfws_jax.export.onnx_qdq import _detector_size
 
     assert _detector_size("yolov6l6") == 1280 and _detector_size("yolov6l_v3") == 640
+
+
+class _Stop(ValueError):
+    pass
+
+
+def test_eval_and_ptq_use_the_official_p6_canvas(monkeypatch, tmp_path, capsys):
+    """``eval --task detect`` and ``ptq`` of a P6 model letterbox at 1280 with load 1263 (n6)
+    unless told otherwise (the data source is replaced: only the sizes are checked)."""
+    import cfws_jax.assets
+    import cfws_jax.data
+    import cfws_jax.data.coco
+    from cfws_jax.cli import main
+
+    seen = []
+
+    def fake_source(*a, image_size=None, load_size=None, **k):
+        seen.append((image_size, load_size))
+        raise _Stop("stop")
+
+    monkeypatch.setattr(cfws_jax.data.coco, "CocoSource", fake_source)
+    monkeypatch.setattr(cfws_jax.data, "open_source", fake_source)
+    monkeypatch.setattr(cfws_jax.assets, "load_params", lambda *a, **k: ({}, {"arch": "yolov6n6"}))
+    ev = ["eval", "--task", "detect", "--arch", "yolov6n6", "--params", str(tmp_path), "--data", str(tmp_path),
+          "--annotations", str(tmp_path / "a.json"), "--no-progress"]
+    pq = ["ptq", "--arch", "yolov6n6", "--params", str(tmp_path), "--calib-data", str(tmp_path),
+          "--out", str(tmp_path / "q"), "--no-progress"]
+    for argv in (ev, ev + ["--image-size", "640"], pq, ev[:4] + ["yolov6m_v3"] + ev[5:]):
+        assert main(argv) == 1 and "stop" in capsys.readouterr().err
+    assert seen == [(1280, 1263), (640, 640), (1280, 1263), (640, 636)]
