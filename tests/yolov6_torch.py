@@ -282,42 +282,48 @@ def build(name: str, *, num_classes: int = 80, distill: bool = False, seed: int 
     return model
 
 
+_POOL = 65521  # prime: a tensor tiled from the pool repeats no row / channel pattern
+
+
 def randomize_fast(model: nn.Module, seed: int) -> nn.Module:
-    """:func:`randomize` in one pass over one buffer (the large models hold up to 140M values):
-    conv / transpose weights ``N(0, 1/fan_in)``, biases ``N(0, 0.01)``, BN gamma ``U(0.4, 1)``, beta and
-    mean ``N(0, 0.01)``, var ``U(0.5, 1.5)``, BottleRep ``alpha`` ``1 ± U(0.15, 0.35)``; every value
-    fp16-exact; ``detect.proj`` / ``proj_conv`` are left alone; eval mode."""
+    """:func:`randomize` for the large models (up to 140M values) at about one copy per value:
+    each tensor is a random window of a prime-length pool of normals / uniforms, scaled, rounded to
+    fp16 (every value fp16-exact) and tiled. Conv / transpose weights ``N(0, 1/fan_in)``, biases
+    ``N(0, 0.01)``, BN gamma ``U(0.3, 0.7)`` (keeps the 50-block L nets O(1) in float32), beta and
+    mean ``N(0, 0.01)``, var ``U(0.5, 1.5)``, BottleRep ``alpha`` ``1 ± U(0.15, 0.35)`` (never 1);
+    ``detect.proj`` / ``proj_conv`` are left alone; eval mode."""
     g = torch.Generator().manual_seed(seed)
-    jobs = []  # (tensor, kind, scale)
-    for name, m in model.named_modules():
-        if name.startswith("detect.proj"):
-            continue
-        if isinstance(m, nn.BatchNorm2d):
-            jobs += [(m.weight, "u", (0.6, 0.4)), (m.bias, "n", 0.1), (m.running_mean, "n", 0.1),
-                     (m.running_var, "u", (1.0, 0.5))]
-            m.num_batches_tracked.zero_()
-        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            w = m.weight
-            fan_in = w.shape[0] if isinstance(m, nn.ConvTranspose2d) else w.shape[1] * w.shape[2] * w.shape[3]
-            jobs.append((w, "n", fan_in ** -0.5))
-            if m.bias is not None:
-                jobs.append((m.bias, "n", 0.1))
-        if isinstance(m._parameters.get("alpha"), torch.Tensor):
-            jobs.append((m.alpha, "alpha", None))
-    total = sum(t.numel() for t, _, _ in jobs)
-    normal, uniform = torch.randn(total, generator=g), torch.rand(total, generator=g)
+    normal, uniform = torch.randn(2 * _POOL, generator=g), torch.rand(2 * _POOL, generator=g)
+    offsets = torch.randint(0, _POOL, (100_000,), generator=g).tolist()
+
+    def fill(t, pool, scale, shift=0.0):
+        n = t.numel()
+        off = offsets.pop()
+        v = (pool[off:off + min(n, _POOL)] * scale + shift).half().float()
+        if n > _POOL:
+            v = v.repeat((n + _POOL - 1) // _POOL)[:n]
+        t.copy_(v.view_as(t))
+
     with torch.no_grad():
-        off = 0
-        for t, kind, scale in jobs:
-            n = t.numel()
-            if kind == "n":
-                v = normal[off:off + n] * scale
-            elif kind == "u":
-                v = uniform[off:off + n] * scale[0] + scale[1]
-            else:
-                v = 1.0 + torch.where(normal[off:off + n] < 0, -1.0, 1.0) * (0.15 + 0.2 * uniform[off:off + n])
-            t.copy_(v.half().float().view_as(t))
-            off += n
+        for name, m in model.named_modules():
+            if name.startswith("detect.proj"):
+                continue
+            if isinstance(m, nn.BatchNorm2d):
+                fill(m.weight, uniform, 0.4, 0.3)
+                fill(m.bias, normal, 0.1)
+                fill(m.running_mean, normal, 0.1)
+                fill(m.running_var, uniform, 1.0, 0.5)
+                m.num_batches_tracked.zero_()
+            elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                w = m.weight
+                fan_in = w.shape[0] if isinstance(m, nn.ConvTranspose2d) else w.shape[1] * w.shape[2] * w.shape[3]
+                fill(w, normal, fan_in ** -0.5)
+                if m.bias is not None:
+                    fill(m.bias, normal, 0.1)
+            alpha = m._parameters.get("alpha")
+            if isinstance(alpha, torch.Tensor):
+                u = torch.rand(2, generator=g).tolist()
+                alpha.fill_(float(np.float16(1.0 + (1 if u[0] < 0.5 else -1) * (0.15 + 0.2 * u[1]))))
     return model.eval()
 
 
