@@ -347,9 +347,11 @@ def _build_large(name: str, num_classes: int, seed: int) -> nn.Module:
         det.proj.copy_(torch.arange(det.proj.numel(), dtype=torch.float32))
         det.proj_conv.weight.copy_(det.proj.view(det.proj_conv.weight.shape))
     randomize_fast(model, seed)
-    with torch.no_grad():
-        for conv in det.cls_preds:  # spread the class scores over (0, 1) (distinct NMS ranks)
-            conv.weight.mul_(8.0)
+    with torch.no_grad():  # head inputs are small here: logits to std ~2 (soft DFL, spread scores)
+        for conv in det.cls_preds:
+            conv.weight.mul_(32.0)
+        for conv in det.reg_preds:
+            conv.weight.mul_(16.0)
     return model
 
 
