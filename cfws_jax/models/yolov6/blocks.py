@@ -5,7 +5,7 @@ has a train form (``deploy=False``: conv + BN branches) and a deploy form (``dep
 folded, see :mod:`cfws_jax.models.yolov6.fuse`). Sub-module names follow the PyTorch module
 paths (see :mod:`cfws_jax.models.yolov6`): a numeric path component is joined to the previous one with ``_``.
 
-* :class:`ConvBNAct` (upstream ``SimConv`` = ReLU, ``Conv`` = SiLU): train ``conv`` (QConv, no
+* :class:`ConvBNAct` (upstream ``SimConv`` = ReLU, ``Conv`` = SiLU, ``Conv_C3``): train ``conv`` (QConv, no
   bias) + ``bn`` then the activation; deploy ``conv`` (QConv with bias, activation inside).
 * :class:`RepVGGBlock`: train ``rbr_dense/{conv,bn}`` (3x3) + ``rbr_1x1/{conv,bn}`` +
   ``rbr_identity`` (BN, when in == out and stride 1), then ReLU; deploy ``rbr_reparam``
