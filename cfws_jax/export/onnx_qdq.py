@@ -81,7 +81,7 @@ import numpy as np
 from jax.extend.core import Primitive
 
 from cfws_jax.models.layers import QConv, QDense
-from cfws_jax.ptq.graph import LayerInfo, discover_layers, layer_name
+from cfws_jax.ptq.graph import LayerInfo, discover_layers, layer_name, non_layer_params
 from cfws_jax.quant import ZERO_AMAX
 
 NHWC_TO_NCHW = (0, 3, 1, 2)  # physical ONNX axis i holds logical (JAX) axis NHWC_TO_NCHW[i]
@@ -277,17 +277,6 @@ class _LayerPlan:
 
 
 # ---------------------------------------------------------------------------- jaxpr translation
-
-
-def non_layer_params(params: Mapping[str, Any], layer_names) -> dict:
-    """``params`` without the layers' own variables: what the glue between layers reads
-    (a YOLOv6 BottleRep's ``alpha``); ``{}`` for models without such parameters."""
-    from flax import traverse_util
-
-    layers = [tuple(n.split("/")) for n in layer_names]
-    flat = traverse_util.flatten_dict(dict(params))
-    kept = {k: v for k, v in flat.items() if not any(k[:len(p)] == p for p in layers)}
-    return traverse_util.unflatten_dict(kept) if kept else {}
 
 
 def _trace(model: nn.Module, infos: Mapping[str, LayerInfo], input_shape, params: Mapping[str, Any] | None = None):
