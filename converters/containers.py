@@ -14,6 +14,9 @@ Rules (FORMATS.md §1):
 * A leading ``module.`` (DataParallel) is stripped when every key carries it.
 * ``num_batches_tracked`` entries are ignored (reported in ``ignored``); nothing else is dropped:
   a non-array value raises ``ValueError`` naming its key.
+* For a pickled module tree the class of every module is reported by path
+  (``Unwrapped.pickled_classes``, :func:`pickled_classes`): some checkpoints differ only there
+  (YOLOv6 v2.0 ``l`` vs ``l_base``, QARepVGG V1 vs V2).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class Unwrapped(NamedTuple):
     container: str | None          # e.g. "ema" or "model/state_dict"; None for a bare state dict
     stripped_prefix: str | None    # "module." when stripped
     ignored: tuple[str, ...]       # original names of the ignored num_batches_tracked entries
+    pickled_classes: dict[str, str] = {}  # {module path: class name} of a pickled module tree (see
+    #                                        pickled_classes); empty for a plain state dict
 
 
 _MAX_MODULE_DEPTH = 64
@@ -55,17 +60,33 @@ def _named(mapping: Any, what: str) -> list[tuple[str, Any]]:
     return list(mapping.items())
 
 
+def _walk_modules(module: Any, prefix: str = ""):
+    """``(path prefix, module record)`` of an inert pickled ``nn.Module`` tree, depth-first in
+    ``_modules`` order like torch (the root first, prefix ``""``); at most 64 levels of submodules."""
+    todo = [(module, prefix, 0)]
+    while todo:
+        mod, pre, depth = todo.pop()
+        if depth > _MAX_MODULE_DEPTH:
+            raise ValueError(f"modules nested deeper than {_MAX_MODULE_DEPTH} levels at {short_repr(pre)}")
+        yield pre, mod
+        children = []
+        for name, child in _named(vars(mod).get("_modules"), f"{pre}_modules"):
+            if child is None:
+                continue
+            if not _is_module(child):
+                raise ValueError(f"submodule {short_repr(pre + name)} is a {type(child).__name__}, "
+                                 "not an allowed module record")
+            children.append((child, pre + name + ".", depth + 1))
+        todo.extend(reversed(children))
+
+
 def module_state_dict(module: Any, prefix: str = "") -> dict[str, Any]:
     """``state_dict()`` of an inert pickled ``nn.Module`` tree (parameters, persistent buffers).
 
     Iterative, depth-first in ``_modules`` order like torch; at most 64 levels of submodules.
     """
     out: dict[str, Any] = {}
-    todo = [(module, prefix, 0)]
-    while todo:
-        mod, pre, depth = todo.pop()
-        if depth > _MAX_MODULE_DEPTH:
-            raise ValueError(f"modules nested deeper than {_MAX_MODULE_DEPTH} levels at {short_repr(pre)}")
+    for pre, mod in _walk_modules(module, prefix):
         state = vars(mod)
         for name, value in _named(state.get("_parameters"), f"{pre}_parameters"):
             if value is not None:
@@ -76,16 +97,14 @@ def module_state_dict(module: Any, prefix: str = "") -> dict[str, Any]:
         for name, value in _named(state.get("_buffers"), f"{pre}_buffers"):
             if value is not None and name not in skip:
                 out[pre + name] = value
-        children = []
-        for name, child in _named(state.get("_modules"), f"{pre}_modules"):
-            if child is None:
-                continue
-            if not _is_module(child):
-                raise ValueError(f"submodule {short_repr(pre + name)} is a {type(child).__name__}, "
-                                 "not an allowed module record")
-            children.append((child, pre + name + ".", depth + 1))
-        todo.extend(reversed(children))
     return out
+
+
+def pickled_classes(module: Any) -> dict[str, str]:
+    """``{module path: pickled class name}`` of an inert pickled ``nn.Module`` tree, in
+    ``state_dict`` order; the root's path is ``""`` (e.g. ``{"": "yolov6.models.yolo.Model",
+    "backbone.stem": "yolov6.layers.common.RepVGGBlock", ...}``)."""
+    return {pre[:-1]: mod.pickled_global for pre, mod in _walk_modules(module)}
 
 
 def _is_ignored(key: str) -> bool:
@@ -107,6 +126,7 @@ def _check_flat(mapping: Mapping) -> str | None:
 def unwrap_state_dict(obj: Any, *, container_key: str | None = None) -> Unwrapped:
     """Flat state dict from a loaded checkpoint object (see the module docstring for the rules)."""
     path: list[str] = []
+    classes: dict[str, str] = {}
     if container_key is not None:
         if not isinstance(obj, Mapping) or obj.get(container_key) is None:
             keys = short_repr(sorted(map(short_repr, obj)), 200) if isinstance(obj, Mapping) \
@@ -115,6 +135,7 @@ def unwrap_state_dict(obj: Any, *, container_key: str | None = None) -> Unwrappe
         obj, path = obj[container_key], [container_key]
     for _ in range(_MAX_DEPTH):
         if _is_module(obj):
+            classes = pickled_classes(obj)
             obj = module_state_dict(obj)
             break
         if not isinstance(obj, Mapping):
@@ -142,6 +163,13 @@ def unwrap_state_dict(obj: Any, *, container_key: str | None = None) -> Unwrappe
     if kept and all(k.startswith(DATA_PARALLEL_PREFIX) for k in kept):
         kept = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in kept.items()}
         stripped = DATA_PARALLEL_PREFIX
+        classes = {_strip_module(p): c for p, c in classes.items()}
     if not kept:
         raise ValueError(f"{'/'.join(path) or 'state dict'} holds only {IGNORED_SUFFIX} entries")
-    return Unwrapped(kept, "/".join(path) or None, stripped, ignored)
+    return Unwrapped(kept, "/".join(path) or None, stripped, ignored, classes)
+
+
+def _strip_module(path: str) -> str:
+    """A module path without its DataParallel ``module`` component (the wrapper itself -> ``""``)."""
+    head = DATA_PARALLEL_PREFIX[:-1]
+    return "" if path == head else path[len(DATA_PARALLEL_PREFIX):] if path.startswith(DATA_PARALLEL_PREFIX) else path

@@ -24,60 +24,19 @@ ready for ``create_model(arch, deploy=form == "deploy", num_classes).apply``.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from cfws_jax.models import registry
-from converters import mobileone, repvgg
+from converters import mobileone, repvgg, yolov6
+from converters.common import LEAF_TO_TORCH, ConvertResult, flax_shapes, to_flax, torch_shape
+
+__all__ = ["ConvertResult", "convert_state_dict", "key_table"]
 
 FAMILIES = {"repvgg": repvgg, "mobileone": mobileone}
 FORMS = ("train", "deploy")
-_LEAF = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
-
-
-class ConvertResult(NamedTuple):
-    arch: str
-    form: str  # "train" | "deploy"
-    dialect: str
-    variables: dict
-    num_classes: int | None = None  # set when not the architecture's default (YOLOv6: from cls_preds)
-    dropped: tuple[str, ...] = ()   # checkpoint keys dropped on purpose (YOLOv6 detect.proj*, training-only)
-
-
-def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if len(flax_shape) == 4:  # HWIO -> OIHW
-        return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
-    if len(flax_shape) == 2:  # [in, out] -> [out, in]
-        return (flax_shape[1], flax_shape[0])
-    return tuple(flax_shape)
-
-
-def _to_flax(value: np.ndarray) -> np.ndarray:
-    value = np.asarray(value, np.float32)
-    if value.ndim == 4:
-        return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-    if value.ndim == 2:
-        return np.ascontiguousarray(value.T)
-    return value
-
-
-@functools.lru_cache(maxsize=64)
-def _flax_shapes(arch: str, deploy: bool, num_classes: int | None) -> dict:
-    """``{(collection, *module_path, leaf): shape}`` of the Flax model's variables."""
-    model = registry.create_model(arch, deploy=deploy, num_classes=num_classes)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
-    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
 
 
 def key_table(arch: str, form: str, dialect: str, num_classes: int | None = None) -> dict:
@@ -85,9 +44,9 @@ def key_table(arch: str, form: str, dialect: str, num_classes: int | None = None
     fam = FAMILIES[registry.family(arch)]
     to_torch = fam.DIALECTS[dialect]
     table = {}
-    for path, shape in _flax_shapes(arch, form == "deploy", num_classes).items():
+    for path, shape in flax_shapes(arch, form == "deploy", num_classes).items():
         col, *mod, leaf = path
-        table[f"{to_torch(tuple(mod))}.{_LEAF[col, leaf]}"] = (path, _torch_shape(shape))
+        table[f"{to_torch(tuple(mod))}.{LEAF_TO_TORCH[col, leaf]}"] = (path, torch_shape(shape))
     return table
 
 
@@ -174,17 +133,17 @@ def _infer(sd: Mapping[str, Any], arch: str | None) -> tuple[str, str, str]:
 
 
 def convert_state_dict(
-    state_dict: Mapping[str, Any], arch: str | None = None, *, num_classes: int | None = None
+    state_dict: Mapping[str, Any], arch: str | None = None, *, num_classes: int | None = None,
+    pickled_classes: Mapping[str, str] | None = None,
 ) -> ConvertResult:
     """Map a PyTorch ``state_dict`` to Flax variables (see the module docstring).
 
     YOLOv6 detectors (``arch`` a yolov6 name / size alias, or YOLOv6 keys) go to
-    :func:`converters.yolov6.convert_yolov6`.
+    :func:`converters.yolov6.convert_yolov6`, with ``pickled_classes`` (``{module path: class}``
+    of a pickled module tree, ``StateDictSource.pickled_classes``) telling variants whose keys agree.
     """
-    from converters import yolov6
-
     if yolov6.is_yolov6_arch(arch) or (arch is None and yolov6.looks_like_yolov6(state_dict)):
-        return yolov6.convert_yolov6(state_dict, arch, num_classes=num_classes)
+        return yolov6.convert_yolov6(state_dict, arch, num_classes=num_classes, pickled_classes=pickled_classes)
     sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     if arch is not None:
         registry.get_config(arch)  # clear error for unknown names
@@ -212,6 +171,6 @@ def convert_state_dict(
         if fits is not None and fits != arch:
             parts.append(f"the keys and shapes fit {fits}: pass --arch {fits}")
         raise ValueError("; ".join(parts))
-    flat = {path: _to_flax(sd[k]) for k, (path, _) in table.items()}
+    flat = {path: to_flax(sd[k]) for k, (path, _) in table.items()}
     variables = traverse_util.unflatten_dict(flat)
     return ConvertResult(arch, form, dialect, variables)

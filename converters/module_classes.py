@@ -29,6 +29,7 @@ _YOLOV6_COMMON = (
     "BepC3", "MBLABlock", "QARepVGGBlock", "QARepVGGBlockV2", "RealVGGBlock", "LinearAddBlock",
     "DetectBackend", "ConvWrapper", "SimConvWrapper", "Lite_EffiBlockS1", "Lite_EffiBlockS2",
     "SEBlock", "DPBlock", "DarknetBlock", "CSPBlock", "Stem",
+    "Conv_C3",  # BepC3's 1x1 convs in <= 0.3.x m / l / P6 files (FORMATS_YOLOV6_LARGE.md §4.17.3)
 )
 
 YOLOV6_MODULE_CLASSES: frozenset[str] = TORCH_NN_MODULE_CLASSES | frozenset(
@@ -44,5 +45,7 @@ YOLOV6_MODULE_CLASSES: frozenset[str] = TORCH_NN_MODULE_CLASSES | frozenset(
      "yolov6.models.effidehead.Detect", "yolov6.models.heads.effidehead_distill_ns.Detect",
      "yolov6.models.heads.effidehead_fuseab.Detect", "yolov6.models.heads.effidehead_lite.Detect"]
     + ["yolov6.layers.common." + n for n in _YOLOV6_COMMON])
-"""Every class FORMATS.md §4.7 names for YOLOv6 tags 0.1.0 .. 0.4.x, plus :data:`TORCH_NN_MODULE_CLASSES`.
+"""Every class FORMATS.md §4.7 names for YOLOv6 tags 0.1.0 .. 0.4.x, plus :data:`TORCH_NN_MODULE_CLASSES`;
+of the classes the m / l / P6 and ``*_qa`` releases pickle (FORMATS_YOLOV6_LARGE.md §4.17.3,
+FORMATS_YOLOV6_QA.md §4.25) only ``Conv_C3`` was not already listed.
 (NumPy scalars in ``results`` and ``set`` need no entry: they are always allowed.)"""

@@ -386,6 +386,7 @@ class StateDictSource(NamedTuple):
     container: str | None      # container key path used, e.g. "ema" or "model/state_dict"; None if bare
     stripped_prefix: str | None  # "module." when it was stripped
     ignored: tuple[str, ...]   # keys dropped on purpose (num_batches_tracked)
+    pickled_classes: dict[str, str] = {}  # {module path: class name} of a pickled module tree, else empty
 
 
 def read_state_dict(path: str | os.PathLike, *, container_key: str | None = None,
@@ -415,7 +416,7 @@ def read_state_dict(path: str | os.PathLike, *, container_key: str | None = None
         raise CheckpointError(f"{path}: {e}") from None
     except _CAUGHT as e:
         raise _fail(path, "cannot unwrap the state dict", e) from None
-    return StateDictSource(sd, fmt, un.container, un.stripped_prefix, un.ignored)
+    return StateDictSource(sd, fmt, un.container, un.stripped_prefix, un.ignored, un.pickled_classes)
 
 
 def load_state_dict(path: str | os.PathLike, *, container_key: str | None = None,

@@ -169,7 +169,7 @@ T2 = """
 | `detect.reg_preds.2` | Conv2d 1x1 +bias | [4, 128, 1, 1] | [4, 256, 1, 1] |
 """
 
-ALL = sorted(YOLOV6_CONFIGS)
+ALL = sorted(a for a in YOLOV6_CONFIGS if re.fullmatch(r"yolov6[nts]_v\d", a))  # n / t / s (Appendix A)
 HW = 64
 
 # FORMATS.md §4.5 (channels_list, num_repeat) and deploy params in millions (torch count).

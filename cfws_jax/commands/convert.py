@@ -50,6 +50,10 @@ def count_elements(tree) -> int:
     return int(math.prod(getattr(tree, "shape", ())))
 
 
+def _shown(keys, n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
 def run(args) -> int:
     import jax
     import numpy as np
@@ -73,10 +77,13 @@ def run(args) -> int:
             raise ValueError(f"--exclude {args.exclude} matched no key of {args.checkpoint}")
         print(f"excluded    {len(dropped)} keys: {', '.join(dropped)}")
         state_dict = {k: v for k, v in state_dict.items() if k not in set(dropped)}
-    res = convert_state_dict(state_dict, args.arch, num_classes=args.num_classes)
+    res = convert_state_dict(state_dict, args.arch, num_classes=args.num_classes,
+                             pickled_classes=src.pickled_classes)
     if res.dropped:  # YOLOv6 detect.proj* and training-only head branches
-        shown = ", ".join(res.dropped[:8]) + (", ..." if len(res.dropped) > 8 else "")
-        print(f"dropped     {len(res.dropped)} keys (not Flax variables): {shown}")
+        print(f"dropped     {len(res.dropped)} keys (not Flax variables): {_shown(res.dropped)}")
+    if res.filled:  # YOLOv6 0.4.x l / l6 re-saves: basic-block convs without bias
+        print(f"filled      {len(res.filled)} absent conv biases with 0 (0.4.x basic blocks have none): "
+              f"{_shown(res.filled)}")
     variables, form = res.variables, res.form
     fused = False
     if args.deploy and form == "train":

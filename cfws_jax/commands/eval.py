@@ -15,7 +15,7 @@ and everything else goes to stderr. ``--devices N``: data parallel on the first 
 
     cfws-jax eval --task detect --arch yolov6s_v2 (--params DIR | --quantized QDIR) --data IMAGES
                   --annotations instances.json [--limit N] [--conf 0.03] [--iou 0.65]
-                  [--image-size 640] [--load-size L] [--results-json FILE] [--json]
+                  [--image-size 640|1280] [--load-size L] [--results-json FILE] [--json]
 
 prints the 12 COCO bbox numbers (``--json``: ``{"mAP", "mAP50", "stats", "images", "detections", "subset"}``);
 see :func:`run_detect`.
@@ -64,12 +64,13 @@ def register(sub) -> None:
     # detection (--task detect): COCO mAP of a YOLOv6 model, see run_detect
     p.add_argument("--task", default="classify", choices=("classify", "detect"),
                    help="classify (top-1/top-5, default) or detect (COCO mAP; --data is the image "
-                   "folder, --image-size the letterbox canvas, default 640)")
+                   "folder, --image-size the letterbox canvas, default the model's official size: 640, P6 1280)")
     p.add_argument("--annotations", metavar="JSON", help="detect: COCO instances JSON for the --data images")
     p.add_argument("--conf", type=float, default=0.03, help="detect: confidence threshold (default 0.03)")
     p.add_argument("--iou", type=float, default=0.65, help="detect: NMS IoU threshold (default 0.65)")
     p.add_argument("--load-size", type=int, default=None,
-                   help="detect: long side before letterboxing (default: the official per-model size at 640)")
+                   help="detect: long side before letterboxing (default: the official per-model size on the "
+                   "official canvas, e.g. 636 for yolov6m_v3, 1263 for yolov6n6)")
     p.add_argument("--results-json", metavar="FILE", help="detect: also write the COCO result list here")
     p.add_argument("--overwrite", action="store_true", help="detect: replace an existing --results-json file")
     p.set_defaults(func=run)
@@ -198,7 +199,7 @@ def run_detect(args) -> int:
     """``eval --task detect``: letterbox, forward, NMS, COCO mAP; the 12 COCO numbers as a table,
     or with ``--json`` one last stdout line ``{"mAP", "mAP50", "stats", "images", "detections"}``."""
     from cfws_jax.data.coco import CocoSource
-    from cfws_jax.detection import format_stats, load_size_for
+    from cfws_jax.detection import format_stats, image_size_for, load_size_for
     from cfws_jax.detection.evaluate import evaluate_detector
     from cfws_jax.io import check_output_file, write_file_atomic
 
@@ -219,8 +220,8 @@ def run_detect(args) -> int:
 
     mesh = mesh_from_args(args)  # checks --devices before any work
     log = sys.stderr if args.json else sys.stdout
-    size = args.image_size or 640
     arch = args.arch = _recorded_arch(args.arch, args.params or args.quantized)  # yolov6s -> yolov6s_v2
+    size = args.image_size or image_size_for(arch)  # 640; P6 models 1280
     load = args.load_size or load_size_for(arch, size)
     try:
         src = CocoSource(args.data, args.annotations, image_size=size, load_size=load)

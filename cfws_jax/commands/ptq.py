@@ -65,7 +65,7 @@ def register(sub) -> None:
                    help="image folders: resize_crop (short side 256 + centre crop 224) or direct (resize to 224x224)")
     p.add_argument("--image-size", type=int, default=None,
                    help="network input size (default 224 for image folders, native for .npz; detectors: the "
-                        "letterbox canvas, default 640)")
+                        "letterbox canvas, default the model's official size: 640, P6 models 1280)")
     p.add_argument("--bias-correction", action="store_true",
                    help="after calibration, remove each layer's mean output shift per channel (cfws_kl_bc)")
     p.add_argument("--bias-correction-z", type=float, default=None, metavar="Z",
@@ -148,7 +148,7 @@ def run(args) -> int:
     from cfws_jax.assets import load_params
     from cfws_jax.data import calibration_batches, open_source
     from cfws_jax.ptq import get_preset, quantize, save_quantized
-    from cfws_jax.detection import load_size_for
+    from cfws_jax.detection import image_size_for, load_size_for
     from cfws_jax.models.registry import canonical_arch, family
     from cfws_jax.ptq.report import format_report, layer_report, sensitivity, sensitivity_db, write_report
 
@@ -171,7 +171,7 @@ def run(args) -> int:
         raise ValueError(f"--arch {args.arch!r} disagrees with {args.params}, which records arch {recorded!r}")
     detector = family(arch) == "yolov6"
     if detector:  # letterboxed [0, 1] images at the official per-model load size
-        size = args.image_size or 640
+        size = args.image_size or image_size_for(arch)  # 640; P6 models 1280
         src = open_source(args.calib_data, split=args.calib_split, image_size=size, protocol="letterbox",
                           load_size=load_size_for(arch, size))
     else:

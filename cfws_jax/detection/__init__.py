@@ -12,13 +12,15 @@ from cfws_jax.detection.coco import (
     COCO80_TO_COCO91, STAT_NAMES, class_to_category, coco_evaluate, format_stats, to_coco_results,
 )
 from cfws_jax.detection.letterbox import (
-    YOLOV6_LOAD_SIZE, LetterboxInfo, letterbox, letterbox_geometry, load_size_for, scale_boxes, to_canvas,
+    YOLOV6_IMAGE_SIZE, YOLOV6_LOAD_SIZE, LetterboxInfo, image_size_for, letterbox, letterbox_geometry, load_size_for,
+    scale_boxes, to_canvas,
 )
 from cfws_jax.detection.nms import Detections, nms, nms_batch
 
 __all__ = [
     "COCO80_TO_COCO91", "STAT_NAMES", "class_to_category", "coco_evaluate", "format_stats", "to_coco_results",
-    "YOLOV6_LOAD_SIZE", "LetterboxInfo", "letterbox", "letterbox_geometry", "load_size_for", "scale_boxes",
+    "YOLOV6_IMAGE_SIZE", "YOLOV6_LOAD_SIZE", "LetterboxInfo", "image_size_for", "letterbox", "letterbox_geometry",
+    "load_size_for", "scale_boxes",
     "to_canvas", "Detections", "nms", "nms_batch", "evaluate_detector",
 ]
 

@@ -5,6 +5,9 @@ An image ``uint8 [H, W, 3]`` (RGB) is resized so its long side is ``load_size`` 
 at integer offsets ``((out - w) // 2, (out - h) // 2)`` on a square ``out x out`` canvas filled
 with colour 114. The network input is ``canvas.astype(float32) / 255`` (NHWC, RGB, no mean/std).
 
+The official canvas and load size per model are :func:`image_size_for` / :func:`load_size_for`
+(640 canvas, P6 models 1280; FORMATS.md §4.9, FORMATS_YOLOV6_LARGE.md §4.11).
+
 Boxes predicted on the canvas map back to the original image by ``(x - pad) / ratio``, clipped
 to the image (:func:`scale_boxes`).
 """
@@ -18,16 +21,29 @@ import numpy as np
 PAD_COLOR = 114
 DEFAULT_SIZE = 640
 
+P6_SIZE = 1280
+
 YOLOV6_LOAD_SIZE = {
     # v1.0 (0.1.0) has no reproduce_640_eval: the plain 640 letterbox
     "yolov6n_v1": 640, "yolov6t_v1": 640, "yolov6s_v1": 640,
-    # v2.0 code (tags 0.2.x)
+    # v2.0 code (tags 0.2.x; FORMATS_YOLOV6_LARGE.md §4.11)
     "yolov6n_v2": 638, "yolov6t_v2": 634, "yolov6s_v2": 638, "yolov6m_v2": 628, "yolov6l_v2": 632,
+    "yolov6l_relu_v2": 638,
+    # 0.2.1 base models and the QARepVGG files: not listed by name, the "default" entry (inferred,
+    # FORMATS_YOLOV6_QA.md §4.26)
+    "yolov6m_base": 638, "yolov6l_base": 638,
+    "yolov6n_qa": 638, "yolov6s_qa": 638, "yolov6m_qa": 638,
+    "yolov6n_qav2": 638, "yolov6s_qav2": 638, "yolov6m_qav2": 638,
     # v3.0 code (tags 0.3.x; 0.4.x "shrink_size")
     "yolov6n_v3": 636, "yolov6s_v3": 634, "yolov6m_v3": 636, "yolov6l_v3": 636,
+    # P6 (0.3.0), on a 1280 canvas
+    "yolov6n6": 1263, "yolov6s6": 1272, "yolov6m6": 1216, "yolov6l6": 1239,
 }
-"""``test_load_size`` of the official ``--reproduce_640_eval`` protocol, per architecture (for a
-640 canvas)."""
+"""``test_load_size`` of the official ``--reproduce_640_eval`` protocol, per architecture, for its
+official canvas (:func:`image_size_for`: 640, P6 1280)."""
+
+YOLOV6_IMAGE_SIZE = {"yolov6n6": P6_SIZE, "yolov6s6": P6_SIZE, "yolov6m6": P6_SIZE, "yolov6l6": P6_SIZE}
+"""Official evaluation canvas of the models not evaluated at 640 (P6: ``--img 1280``, LARGE §4.11)."""
 
 
 class LetterboxInfo(NamedTuple):
@@ -40,11 +56,17 @@ class LetterboxInfo(NamedTuple):
     orig_w: int
 
 
-def load_size_for(arch: str | None, out_size: int = DEFAULT_SIZE) -> int:
-    """The official load size of ``arch`` for a 640 canvas; ``out_size`` for other canvas sizes
-    or unknown architectures."""
-    if out_size == DEFAULT_SIZE and arch in YOLOV6_LOAD_SIZE:
-        return YOLOV6_LOAD_SIZE[arch]
+def image_size_for(arch: str | None) -> int:
+    """The official evaluation canvas of ``arch``: 1280 for P6 models, else 640."""
+    return YOLOV6_IMAGE_SIZE.get(arch, DEFAULT_SIZE)
+
+
+def load_size_for(arch: str | None, out_size: int | None = None) -> int:
+    """The official load size of ``arch`` on its official canvas (``out_size`` None or equal to
+    :func:`image_size_for`); ``out_size`` for other canvas sizes or unknown architectures."""
+    official = image_size_for(arch)
+    if out_size is None or out_size == official:
+        return YOLOV6_LOAD_SIZE.get(arch, official)
     return int(out_size)
 
 

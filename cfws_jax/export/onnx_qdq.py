@@ -13,7 +13,7 @@ Classifiers: ``(x / 255 - mean) / std`` (:mod:`cfws_jax.data.preprocess`), the n
 ``[batch, classes]``. YOLOv6 detectors: the letterboxed RGB canvas ``/ 255`` in [0, 1], no
 mean / std (:mod:`cfws_jax.detection.letterbox`); output ``outputs`` ``[batch, N, 5 + nc]``,
 the Flax model's decoded rows in its element order (``cx, cy, w, h`` in input pixels,
-confidence, class scores; levels of strides 8, 16, 32, row-major within a level); NMS is not in
+confidence, class scores; levels of strides 8, 16, 32 (P6 models: and 64), row-major within a level); NMS is not in
 the graph.
 
 How the graph is found (tracing, not a re-statement of the architecture): the deploy-form Flax
@@ -73,6 +73,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,13 +81,20 @@ import numpy as np
 from jax.extend.core import Primitive
 
 from cfws_jax.models.layers import QConv, QDense
-from cfws_jax.ptq.graph import LayerInfo, discover_layers, layer_name
+from cfws_jax.ptq.graph import LayerInfo, discover_layers, layer_name, non_layer_params
 from cfws_jax.quant import ZERO_AMAX
 
 NHWC_TO_NCHW = (0, 3, 1, 2)  # physical ONNX axis i holds logical (JAX) axis NHWC_TO_NCHW[i]
 MIN_OPSET = 13  # per-axis DequantizeLinear, ReduceSum / Unsqueeze / Squeeze axes as inputs
 DEFAULT_OPSET = 17
-DETECTOR_SIZE = 640  # default YOLOv6 export size when nothing records one
+DETECTOR_SIZE = 640  # default YOLOv6 export size when nothing records one (P6 models: 1280)
+
+
+def _detector_size(arch) -> int:
+    """The official canvas of a YOLOv6 ``arch`` (:func:`cfws_jax.detection.image_size_for`)."""
+    from cfws_jax.detection.letterbox import image_size_for
+
+    return image_size_for(str(arch)) if arch else DETECTOR_SIZE
 
 
 def _layer_abstract(x, *, name, out_shape):
@@ -271,9 +279,11 @@ class _LayerPlan:
 # ---------------------------------------------------------------------------- jaxpr translation
 
 
-def _trace(model: nn.Module, infos: Mapping[str, LayerInfo], input_shape):
+def _trace(model: nn.Module, infos: Mapping[str, LayerInfo], input_shape, params: Mapping[str, Any] | None = None):
     """Closed jaxpr of ``model`` on ``input_shape`` (batch axis symbolic) with every QConv / QDense
-    replaced by ``cfws_layer`` and every YOLOv6 ``Transpose`` upsampling by ``cfws_upsample``."""
+    replaced by ``cfws_layer`` and every YOLOv6 ``Transpose`` upsampling by ``cfws_upsample``;
+    ``params``: the non-layer parameters (:func:`non_layer_params`, e.g. BottleRep ``alpha``: a
+    constant multiply in the graph)."""
     from cfws_jax.models.yolov6.blocks import Transpose
 
     def interceptor(next_fun, args, kwargs, context):
@@ -291,10 +301,14 @@ def _trace(model: nn.Module, infos: Mapping[str, LayerInfo], input_shape):
 
     def fn(x):
         with nn.intercept_methods(interceptor):
-            return model.apply({"params": {}}, x)
+            return model.apply({"params": dict(params or {})}, x)
 
     batch, = jax.export.symbolic_shape("batch")
-    return jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((batch, *input_shape[1:]), jnp.float32)), batch
+    try:
+        return jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((batch, *input_shape[1:]), jnp.float32)), batch
+    except (flax.errors.ScopeParamNotFoundError, flax.errors.ScopeCollectionNotFound) as e:  # no alpha given
+        raise ValueError(f"ONNX export: the network reads a parameter outside its conv layers that was not "
+                         f"given ({' '.join(str(e).split())[:200]})") from None
 
 
 _UNARY = {"logistic": "Sigmoid", "exp": "Exp", "neg": "Neg", "tanh": "Tanh", "abs": "Abs", "sqrt": "Sqrt",
@@ -623,7 +637,7 @@ def _is_detector(model: nn.Module) -> bool:
 
 
 def _build(model: nn.Module, infos: list[LayerInfo], layer_fn, input_shape, opset: int, doc: str,
-           meta: Mapping[str, str], graph_name: str):
+           meta: Mapping[str, str], graph_name: str, params: Mapping[str, Any] | None = None):
     onnx = _onnx()
     from onnx import TensorProto, helper
 
@@ -631,7 +645,7 @@ def _build(model: nn.Module, infos: list[LayerInfo], layer_fn, input_shape, opse
         raise ValueError(f"--opset must be >= {MIN_OPSET} (per-channel DequantizeLinear), got {opset}")
     out_name = "outputs" if _is_detector(model) else "logits"
     by_name = {i.name: i for i in infos}
-    closed, batch = _trace(model, by_name, input_shape)
+    closed, batch = _trace(model, by_name, input_shape, params)
     g = _Graph(opset)
     tr = _Translator(g, by_name, lambda name, x: layer_fn(g, by_name[name], x), batch, "input")
     _, h, w, c = input_shape
@@ -656,7 +670,13 @@ def _build(model: nn.Module, infos: list[LayerInfo], layer_fn, input_shape, opse
 PRODUCER = "cfws_jax"  # ModelProto.producer_name of every file this module writes
 
 
-def _doc(arch: str, kind: str, input_shape, detector: bool = False) -> tuple[str, dict]:
+def _strides(model: nn.Module) -> str:
+    """``"8, 16, 32"`` (``"8, 16, 32, 64"`` for a P6 detector)."""
+    strides = getattr(getattr(model, "config", None), "strides", (8, 16, 32))
+    return ", ".join(map(str, strides))
+
+
+def _doc(arch: str, kind: str, input_shape, detector: bool = False, strides: str = "8, 16, 32") -> tuple[str, dict]:
     _, h, w, _ = input_shape
     if detector:
         doc = (f"cfws_jax export of the YOLOv6 detector {arch} ({kind}). Input 'input': float32 NCHW "
@@ -664,7 +684,7 @@ def _doc(arch: str, kind: str, input_shape, detector: bool = False) -> tuple[str
                "cfws_jax.detection.letterbox) divided by 255, no mean/std, transposed to NCHW. Output "
                "'outputs': float32 [batch, N, 5 + classes], decoded: cx, cy, w, h (input pixels), confidence "
                "(sigmoid(objectness) for v1.0 heads, 1 for v2.0 / v3.0), sigmoid class scores; rows level by "
-               "level (strides 8, 16, 32), row-major within a level. NMS is NOT part of this graph.")
+               f"level (strides {strides}), row-major within a level. NMS is NOT part of this graph.")
         meta = {"cfws_jax.arch": arch, "cfws_jax.kind": kind, "cfws_jax.task": "detect",
                 "cfws_jax.input_layout": "NCHW", "cfws_jax.input_range": "[0, 1] (RGB / 255, no mean/std)",
                 "cfws_jax.image_size": f"{h}x{w}",
@@ -714,7 +734,8 @@ def export_onnx(qm, model: nn.Module | None = None, *, float_export: bool = Fals
     detector = _is_detector(model)
     arch = qm.arch or "model"
     recorded = qm.meta.get("input_shape")
-    input_shape = tuple(recorded) if recorded else (1, DETECTOR_SIZE, DETECTOR_SIZE, 3)
+    default = _detector_size(arch)
+    input_shape = tuple(recorded) if recorded else (1, default, default, 3)
     size = _check_size(image_size)
     stored = {n: {k: np.asarray(v) for k, v in q.items()} for n, q in qm.layers.items()}
     dequant = {n: dequantize_layer(q) for n, q in stored.items()}
@@ -739,8 +760,9 @@ def export_onnx(qm, model: nn.Module | None = None, *, float_export: bool = Fals
         return _emit_layer(g, x, info, plans[info.name], stored[info.name], w, amax)
 
     kind = "float, dequantized weights" if float_export else "INT8 QDQ, " + ("CFWS" if qm.config.cfws else "plain")
-    doc, meta = _doc(arch, kind, input_shape, detector)
-    return _build(model, infos, layer_fn, input_shape, opset, doc, meta, f"{arch}_{'float' if float_export else 'qdq'}")
+    doc, meta = _doc(arch, kind, input_shape, detector, _strides(model))
+    return _build(model, infos, layer_fn, input_shape, opset, doc, meta, f"{arch}_{'float' if float_export else 'qdq'}",
+                  getattr(qm, "extra_params", None))
 
 
 def float_onnx(arch, variables: Mapping[str, Any], *, image_size: int | None = None,
@@ -754,7 +776,7 @@ def float_onnx(arch, variables: Mapping[str, Any], *, image_size: int | None = N
     name, model, params = resolve_model(arch, variables, num_classes)
     arch = name or "model"  # a bare deploy-form module: its name, if any
     detector = _is_detector(model)
-    size = _check_size(image_size) or (DETECTOR_SIZE if detector else 32 if str(arch).endswith("_cifar") else 224)
+    size = _check_size(image_size) or (_detector_size(arch) if detector else 32 if str(arch).endswith("_cifar") else 224)
     input_shape = (1, size, size, 3)
     infos = discover_layers(model, {"params": params}, input_shape)
     weights = {i.name: {k: np.asarray(v, np.float32) for k, v in layer_params(params, i.name).items()
@@ -763,5 +785,6 @@ def float_onnx(arch, variables: Mapping[str, Any], *, image_size: int | None = N
     def layer_fn(g, info, x):
         return _emit_layer(g, x, info, None, None, weights[info.name], [])
 
-    doc, meta = _doc(str(arch), "float", input_shape, detector)
-    return _build(model, infos, layer_fn, input_shape, opset, doc, meta, f"{arch}_float")
+    doc, meta = _doc(str(arch), "float", input_shape, detector, _strides(model))
+    return _build(model, infos, layer_fn, input_shape, opset, doc, meta, f"{arch}_float",
+                  non_layer_params(params, [i.name for i in infos]))

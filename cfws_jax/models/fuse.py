@@ -14,7 +14,7 @@ from typing import Any
 
 from cfws_jax import fusion
 from cfws_jax.models.blocks import BN_EPS
-from cfws_jax.models.registry import block_specs, family
+from cfws_jax.models.registry import block_specs, family, get_config
 from cfws_jax.models.yolov6.fuse import fuse_yolov6
 
 
@@ -51,7 +51,7 @@ def fuse(arch, variables: Mapping[str, Any]) -> dict:
     """
     fam = family(arch)
     if fam == "yolov6":
-        return fuse_yolov6(variables, name=str(arch))
+        return fuse_yolov6(variables, name=str(arch), config=arch if not isinstance(arch, str) else get_config(arch))
     params, stats = variables["params"], variables.get("batch_stats", {})
     specs = block_specs(arch)
     extra = sorted(set(params) - {b.name for b in specs} - {"linear"})

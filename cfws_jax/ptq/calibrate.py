@@ -69,8 +69,8 @@ def reusable_amax(old_plan: Plan, old_amax, new_plan: Plan, order: str) -> dict[
 
 
 def _shard(weights, batches, mesh):
-    """Replicated weights, batches sharded over ``mesh`` (padded) and their row masks (None
-    without a mesh: the single-device path, unchanged)."""
+    """Replicated weights (any pytree), batches sharded over ``mesh`` (padded) and their row
+    masks (None without a mesh: the single-device path, unchanged)."""
     if mesh is None:
         return weights, list(batches), [None] * len(batches)
     from cfws_jax import parallel
@@ -81,20 +81,21 @@ def _shard(weights, batches, mesh):
 
 
 def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig, progress=True,
-                       mesh=None, known=None) -> np.ndarray:
+                       mesh=None, known=None, extra_params=None) -> np.ndarray:
     """amax ``(P,)`` of every point from the float network (``weights`` = float weights).
 
     ``mesh``: a :func:`cfws_jax.parallel.local_mesh` (or device count) to shard every batch over
     (padding rows masked out; maxes and exact integer histogram counts reduced by XLA).
     ``known``: ``{point index: amax}`` already settled (:func:`reusable_amax`): taken as they are,
-    their amax search skipped, and no pass at all when every point is known."""
+    their amax search skipped, and no pass at all when every point is known.
+    ``extra_params``: the deploy form's non-layer params (:func:`cfws_jax.ptq.graph.non_layer_params`)."""
     P = len(plan.points)
     known = dict(known or {})
     if P and all(i in known for i in range(P)):
         return np.asarray([known[i] for i in range(P)], np.float32)
     rows = [int(b.shape[0]) for b in batches]
     n_img = sum(rows)
-    weights, batches, masks = _shard(weights, batches, mesh)
+    (weights, extra), batches, masks = _shard((weights, dict(extra_params or {})), batches, mesh)
     fwd = jitted_forward(model, plan, collect="all", num_bins=config.num_bins)
     qmax = plan.qmax()
     off = jnp.zeros((P,), bool)
@@ -103,14 +104,14 @@ def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig,
     maxes = np.zeros((P,), np.float64)
     bar = Progress(total=2 * n_img, desc="calibrate (parallel, 2 passes)", unit="img", disable=not progress)
     for x, k, r in zip(batches, masks, rows):  # pass 1: ranges
-        m = np.asarray(fwd(weights, dummy, qmax, off, x, states=init_states, mask=k)["maxes"])
+        m = np.asarray(fwd(weights, dummy, qmax, off, x, states=init_states, mask=k, extra_params=extra)["maxes"])
         maxes = np.maximum(maxes, m)
         bar.update(r)
     for p, m in zip(plan.points, maxes):
         _check_finite(m, p.name)
     states = [calib.init(config.num_bins, "abs", "fixed", float(m)) for m in maxes]
     for x, k, r in zip(batches, masks, rows):  # pass 2: histograms
-        states = fwd(weights, dummy, qmax, off, x, states=states, mask=k)["states"]
+        states = fwd(weights, dummy, qmax, off, x, states=states, mask=k, extra_params=extra)["states"]
         bar.update(r)
     bar.close()
     return np.asarray([known[i] if i in known else _amax_from(p, s, m, config)
@@ -118,16 +119,16 @@ def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig,
 
 
 def calibrate_sequential_reference(model, plan: Plan, weights, batches, config: QuantConfig,
-                                   progress=True, mesh=None) -> np.ndarray:
+                                   progress=True, mesh=None, extra_params=None) -> np.ndarray:
     """amax ``(P,)``, each point calibrated on quantized weights and quantized upstream tensors.
 
     The slow reference: the whole network runs once (one batch) or twice (range + histogram)
     per point. :func:`calibrate_sequential` gives the bit-identical result in one pass.
-    ``mesh``: as in :func:`calibrate_parallel`."""
+    ``mesh``, ``extra_params``: as in :func:`calibrate_parallel`."""
     P = len(plan.points)
     rows = [int(b.shape[0]) for b in batches]
     n_img = sum(rows)
-    weights, batches, masks = _shard(weights, batches, mesh)
+    (weights, extra), batches, masks = _shard((weights, dict(extra_params or {})), batches, mesh)
     fwd = jitted_forward(model, plan, collect="stage", num_bins=config.num_bins)
     qmax = plan.qmax()
     amax = np.zeros((P,), np.float32)
@@ -142,18 +143,21 @@ def calibrate_sequential_reference(model, plan: Plan, weights, batches, config: 
         enabled = jnp.asarray(idx < i)
         a = jnp.asarray(amax)
         if len(batches) == 1:  # one batch: range and histogram from a single forward
-            out = fwd(weights, a, qmax, enabled, batches[0], stage=i, stage_state=None, mask=masks[0])
+            out = fwd(weights, a, qmax, enabled, batches[0], stage=i, stage_state=None, mask=masks[0],
+                      extra_params=extra)
             m, state = float(out["stage_max"]), out["stage_state"]
             bar.update(n_img)
         else:
             m = 0.0
             for x, k, r in zip(batches, masks, rows):  # pass 1: range
-                m = max(m, float(fwd(weights, a, qmax, enabled, x, stage=i, stage_state=empty, mask=k)["stage_max"]))
+                m = max(m, float(fwd(weights, a, qmax, enabled, x, stage=i, stage_state=empty, mask=k,
+                                     extra_params=extra)["stage_max"]))
                 bar.update(r)
             state = calib.init(config.num_bins, "abs", "fixed", m)
             if p.method != "max":
                 for x, k, r in zip(batches, masks, rows):  # pass 2: histogram
-                    state = fwd(weights, a, qmax, enabled, x, stage=i, stage_state=state, mask=k)["stage_state"]
+                    state = fwd(weights, a, qmax, enabled, x, stage=i, stage_state=state, mask=k,
+                                extra_params=extra)["stage_state"]
                     bar.update(r)
         _check_finite(m, p.name)
         amax[i] = m if p.method == "max" else _amax_from(p, state, m, config)
@@ -236,8 +240,9 @@ def apply_layer(lp, plan: Plan, geom: LayerInfo, w, x, point=None):
     return y
 
 
-def intercepted_forward(model, x, on_layer, what: str) -> None:
-    """``model.apply`` on ``x`` with every QConv / QDense call replaced by ``on_layer(module, x)``;
+def intercepted_forward(model, x, on_layer, what: str, extra_params=None) -> None:
+    """``model.apply`` on ``x`` with every QConv / QDense call replaced by ``on_layer(module, x)``
+    (``extra_params``: the non-layer params the rest of the model reads, e.g. BottleRep ``alpha``);
     returns when ``on_layer`` raises :class:`_Done` (an error if the forward ends first)."""
 
     def interceptor(next_fun, args, kwargs, context):
@@ -248,7 +253,7 @@ def intercepted_forward(model, x, on_layer, what: str) -> None:
 
     try:
         with nn.intercept_methods(interceptor):
-            model.apply({"params": {}}, x)
+            model.apply({"params": dict(extra_params or {})}, x)
     except _Done:
         return
     raise RuntimeError(f"{what}: the forward ended before its last stop")
@@ -295,7 +300,7 @@ def _settle_point(p, slots, masks, config: QuantConfig) -> float:
 
 
 def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfig, progress=True,
-                         mesh=None, known=None) -> np.ndarray:
+                         mesh=None, known=None, extra_params=None) -> np.ndarray:
     """amax ``(P,)`` as :func:`calibrate_sequential_reference` computes it, bit for bit, in one
     pass through the network.
 
@@ -312,7 +317,7 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
     (padding rows masked out, counts exact).
     ``known``: ``{point index: amax}`` already settled upstream of every other point
     (:func:`reusable_amax`): taken as they are, without their max, histogram and amax search;
-    no pass at all when every point is known.
+    no pass at all when every point is known. ``extra_params``: as in :func:`calibrate_parallel`.
     """
     P = len(plan.points)
     n_img = sum(int(b.shape[0]) for b in batches)
@@ -322,7 +327,7 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
         return amax
     if all(i in known for i in range(P)):
         return np.asarray([known[i] for i in range(P)], np.float32)
-    weights, batches, masks = _shard(weights, batches, mesh)
+    (weights, extra), batches, masks = _shard((weights, dict(extra_params or {})), batches, mesh)
     qmax = [jnp.asarray(p.spec.qmax, jnp.float32) for p in plan.points]
     by_name = {lp.info.name: lp for lp in plan.layers}
     geoms = {lp.info.name: _geometry(lp.info) for lp in plan.layers}
@@ -364,7 +369,7 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
             return apply_layer(lp, plan, geoms[lp.info.name], weights[lp.info.name], x,
                                point=lambda i, t: point(i, b, t))
 
-        intercepted_forward(model, batches[b], on_layer, "sequential calibration")
+        intercepted_forward(model, batches[b], on_layer, "sequential calibration", extra)
 
     try:
         run_in_lockstep(list(range(nb)), run, barrier)

@@ -75,6 +75,19 @@ def layer_name(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
 
 
+def non_layer_params(params, layer_names) -> dict:
+    """The deploy-form ``params`` tree without the named layers' own variables: what the glue
+    between layers reads (today a YOLOv6 BottleRep's ``alpha`` ``[1]``), nested as in ``params``;
+    ``{}`` for models without such parameters. A layer's own ``{"kernel", "bias"?}`` is
+    ``params`` at its path (``name.split("/")``)."""
+    from flax import traverse_util
+
+    layers = [tuple(n.split("/")) for n in layer_names]
+    flat = traverse_util.flatten_dict(dict(params))
+    kept = {k: v for k, v in flat.items() if not any(k[:len(p)] == p for p in layers)}
+    return traverse_util.unflatten_dict(kept) if kept else {}
+
+
 def discover_layers(model: nn.Module, variables, input_shape) -> list[LayerInfo]:
     """Execution-ordered :class:`LayerInfo` of every QConv/QDense in ``model``.
 

@@ -203,9 +203,11 @@ def fixed_point_round(parts, n):
 
 # ----------------------------------------------------------------------------- forward
 def make_integer_forward(model: nn.Module, plan: Plan, requant: str = "float", collect_codes: bool = False):
-    """Pure ``forward(layers, amax, qmax, x, forced=None) -> {"logits", "codes"?}``.
+    """Pure ``forward(layers, amax, qmax, x, forced=None, extra_params=None) -> {"logits", "codes"?}``.
 
-    ``layers``: :func:`integer_layers` (as jnp arrays); ``amax`` / ``qmax``: ``(P,)`` per point.
+    ``layers``: :func:`integer_layers` (as jnp arrays); ``amax`` / ``qmax``: ``(P,)`` per point;
+    ``extra_params``: the non-layer params (``QuantizedModel.extra_params``, e.g. BottleRep
+    ``alpha``: float glue, like a residual sum, between quantization points).
     ``collect_codes``: also ``{"codes": {point index: int codes}}`` of every point reached, as
     computed. ``forced``: ``{point index: codes}`` that replace the computed codes downstream
     (tests feed each layer the simulation's input codes to compare layers one at a time).
@@ -214,7 +216,7 @@ def make_integer_forward(model: nn.Module, plan: Plan, requant: str = "float", c
         raise ValueError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")
     by_name = {lp.info.name: lp for lp in plan.layers}
 
-    def forward(layers, amax, qmax, x, forced=None):
+    def forward(layers, amax, qmax, x, forced=None, extra_params=None):
         scales = point_scales(amax, qmax)
         qmaxf = jnp.asarray(qmax, jnp.float32)
         codes_of: dict[int, tuple] = {}  # id(dequantized tensor) -> (codes, point index)
@@ -309,7 +311,7 @@ def make_integer_forward(model: nn.Module, plan: Plan, requant: str = "float", c
             return emit(out_i, jnp.clip(v, lo, qmaxf[out_i]).astype(jnp.int32))
 
         with nn.intercept_methods(interceptor):
-            logits = model.apply({"params": {}}, x)
+            logits = model.apply({"params": dict(extra_params or {})}, x)
         out = {"logits": logits}
         if collect_codes:
             out["codes"] = collected
@@ -329,7 +331,7 @@ def _deq_kernel(w):
 @functools.lru_cache(maxsize=16)
 def _jitted(model: nn.Module, key: Plan, requant: str):
     fwd = make_integer_forward(model, key, requant)
-    return jax.jit(lambda layers, amax, qmax, x: fwd(layers, amax, qmax, x)["logits"])
+    return jax.jit(lambda layers, amax, qmax, extra, x: fwd(layers, amax, qmax, x, extra_params=extra)["logits"])
 
 
 def device_layers(qm):
@@ -344,11 +346,11 @@ def integer_apply_fn(qm, model: nn.Module | None = None, *, requant: str = "floa
     (integer multiplier + shift, round-half-up); see the module docstring. A
     ``jax.tree_util.Partial`` carrying the codes as jit arguments, like ``quantized_apply_fn``.
     """
-    from cfws_jax.ptq.model import model_for
+    from cfws_jax.ptq.model import device_params, model_for
 
     if requant not in REQUANT_MODES:
         raise ValueError(f"requant must be one of {REQUANT_MODES}, got {requant!r}")
     check_integer_config(qm)
     model = model_for(qm, model)
     return jax.tree_util.Partial(_jitted(model, forward_key(qm.plan), requant), device_layers(qm),
-                                 jnp.asarray(qm.act_amax), qm.plan.qmax())
+                                 jnp.asarray(qm.act_amax), qm.plan.qmax(), device_params(qm.extra_params))

@@ -1,9 +1,11 @@
 """``quantize(...) -> QuantizedModel``, its jitted fake-quant forward, and orbax save / restore.
 
 A :class:`QuantizedModel` is a pytree: ``layers`` (per layer: integer weight codes and scales,
-two sets for CFWS layers, bias) and ``act_amax`` (one per activation quantization point) are
-leaves; the architecture name, :class:`QuantConfig`, the :class:`Plan` and JSON metadata are
-static. It needs no float parameters: the forward rebuilds the kernels from the codes.
+two sets for CFWS layers, bias), ``act_amax`` (one per activation quantization point) and
+``extra_params`` (the deploy form's float non-layer params, nested as in the params tree: a
+YOLOv6 BottleRep's ``alpha`` ``[1]``; ``{}`` for most models) are leaves; the architecture name,
+:class:`QuantConfig`, the :class:`Plan` and JSON metadata are static. It needs no float layer
+parameters: the forward rebuilds the kernels from the codes.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import functools
 import json
 from typing import Any, Mapping, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from flax import struct, traverse_util
 
 from cfws_jax.ptq.calibrate import calibrate_parallel, calibrate_sequential, reusable_amax
 from cfws_jax.ptq.config import QuantConfig
-from cfws_jax.ptq.graph import discover_layers
+from cfws_jax.ptq.graph import discover_layers, non_layer_params
 from cfws_jax.ptq.runtime import Plan, build_plan, forward_key, make_forward
 from cfws_jax.ptq.weights import dequantize_layer, quantize_layer
 
@@ -37,6 +40,7 @@ class QuantizedModel:
     config: QuantConfig = struct.field(pytree_node=False)
     plan: Plan = struct.field(pytree_node=False)
     meta_json: str = struct.field(pytree_node=False, default="{}")
+    extra_params: dict = struct.field(default_factory=dict)
 
     @property
     def meta(self) -> dict:
@@ -138,6 +142,7 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
         q_layers[lp.info.name] = quantize_layer(p["kernel"], p.get("bias"), lp.scheme, lp.w_bits, config)
     quant_w = {n: {k: jnp.asarray(v) for k, v in dequantize_layer(q).items()} for n, q in q_layers.items()}
 
+    extra = device_params(non_layer_params(params, plan.names))
     known = None
     if reuse is not None:
         if reuse.config.replace(float_layers=()) != config.replace(float_layers=(), reconstruct=False,
@@ -146,9 +151,11 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
                              "and no reconstruction / bias correction")
         known = reusable_amax(reuse.plan, reuse.act_amax, plan, config.calib_order)
     if config.calib_order == "parallel":
-        amax = calibrate_parallel(model, plan, float_w, batches, config, progress, mesh=mesh, known=known)
+        amax = calibrate_parallel(model, plan, float_w, batches, config, progress, mesh=mesh, known=known,
+                                  extra_params=extra)
     else:
-        amax = calibrate_sequential(model, plan, quant_w, batches, config, progress, mesh=mesh, known=known)
+        amax = calibrate_sequential(model, plan, quant_w, batches, config, progress, mesh=mesh, known=known,
+                                    extra_params=extra)
 
     n_cls = params_num_classes(params)
     meta = {"format": FORMAT, "num_classes": int(layers[-1].out_shape[-1]) if n_cls is None else n_cls,
@@ -158,10 +165,12 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
     if config.reconstruct or config.bias_correction:  # issue #14: learned rounding / bias correction
         from cfws_jax.ptq.reconstruct import refine
 
-        q_layers, amax, refine_meta = refine(model, plan, float_w, q_layers, amax, batches, config, progress)
+        q_layers, amax, refine_meta = refine(model, plan, float_w, q_layers, amax, batches, config, progress,
+                                             extra_params=extra)
         meta.update(refine_meta)
     return QuantizedModel(layers=q_layers, act_amax=np.asarray(amax, np.float32), arch=arch or "",
-                          config=config, plan=plan, meta_json=json.dumps(meta, sort_keys=True))
+                          config=config, plan=plan, meta_json=json.dumps(meta, sort_keys=True),
+                          extra_params=host_params(extra))
 
 
 def model_for(qm: QuantizedModel, model: nn.Module | None):
@@ -184,14 +193,26 @@ def quantized_apply_fn(qm: QuantizedModel, model: nn.Module | None = None, *, en
     weights = qm.dequantized_weights(as_jax=True)
     on = jnp.ones((len(qm.plan.points),), bool) if enabled is None else jnp.asarray(enabled, bool)
     return jax.tree_util.Partial(_logits_fn(model, forward_key(qm.plan)), weights, jnp.asarray(qm.act_amax),
-                                 qm.plan.qmax(), on)
+                                 qm.plan.qmax(), on, device_params(qm.extra_params))
+
+
+def host_params(tree) -> dict:
+    """A nested dict of arrays (``QuantizedModel.extra_params``) as float32 NumPy arrays."""
+    return jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), dict(tree or {}))
+
+
+def device_params(tree) -> dict:
+    """A nested dict of arrays (``QuantizedModel.extra_params``) as float32 device arrays, a jit
+    argument of the forward passes (``{}`` stays ``{}``)."""
+    return jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), dict(tree or {}))
 
 
 @functools.lru_cache(maxsize=32)
 def _logits_fn(model: nn.Module, key: Plan):
-    """One jitted ``(weights, amax, qmax, enabled, x) -> logits`` per model and plan structure."""
+    """One jitted ``(weights, amax, qmax, enabled, extra_params, x) -> logits`` per model and plan structure."""
     fwd = make_forward(model, key)
-    return jax.jit(lambda weights, amax, qmax, enabled, x: fwd(weights, amax, qmax, enabled, x)["logits"])
+    return jax.jit(lambda weights, amax, qmax, enabled, extra, x:
+                   fwd(weights, amax, qmax, enabled, x, extra_params=extra)["logits"])
 
 
 def nest_layers(layers: Mapping[str, Mapping]) -> dict:
@@ -228,6 +249,8 @@ def save_quantized(qm: QuantizedModel, directory, *, overwrite: bool = False, fl
             "layers": qm.plan.names, "points": [p.name for p in qm.plan.points],
             "schemes": {lp.info.name: lp.scheme for lp in qm.plan.layers}, **qm.meta}
     tree = {"layers": nest_layers(qm.layers), "act_amax": np.asarray(qm.act_amax, np.float32)}
+    if qm.extra_params:  # absent (not empty) when the model has none: older files look the same
+        tree["extra_params"] = host_params(qm.extra_params)
     return io.save_variables(directory, tree, meta, overwrite=overwrite, flag=flag)
 
 
@@ -253,17 +276,23 @@ def load_quantized(directory, arch: str | None = None) -> QuantizedModel:
     model = create_model(meta["arch"], deploy=True, num_classes=meta["num_classes"])
     names = list(meta["layers"])
     layers = _unnest(tree["layers"], names)
-    params = {}
-    for name, q in layers.items():  # shapes only, for discovery
-        node = params
-        for part in name.split("/"):
-            node = node.setdefault(part, {})
-        node.update(dequantize_layer(q))
-    plan = build_plan(discover_layers(model, {"params": params}, meta["input_shape"]), config)
+    extra = dict(tree.get("extra_params") or {})  # files written before extra params: none
+    flat = {**traverse_util.flatten_dict(extra),  # layer shapes (and extra params) for discovery
+            **traverse_util.flatten_dict(nest_layers({n: dequantize_layer(q) for n, q in layers.items()}))}
+    try:
+        plan = build_plan(discover_layers(model, {"params": traverse_util.unflatten_dict(flat)}, meta["input_shape"]),
+                          config)
+    except ValueError as e:
+        if extra or not isinstance(e.__cause__, flax.errors.ScopeParamNotFoundError):
+            raise
+        raise ValueError(f"{directory}: the network reads parameters outside its conv layers (e.g. a BottleRep "
+                         "alpha) that this file does not hold (written before cfws_jax stored them); "
+                         "run cfws-jax ptq again") from None
     if plan.names != names or [p.name for p in plan.points] != list(meta["points"]):
         raise ValueError(f"{directory}: the recorded layers do not match architecture {meta['arch']} "
                          "(saved by a different cfws_jax version or edited)")
     keep = {k: meta[k] for k in ("format", "num_classes", "input_shape", "calibration", "reconstruction",
                                  "bias_correction", "refine_seconds") if k in meta}
     return QuantizedModel(layers=layers, act_amax=np.asarray(tree["act_amax"], np.float32), arch=meta["arch"],
-                          config=config, plan=plan, meta_json=json.dumps(keep, sort_keys=True))
+                          config=config, plan=plan, meta_json=json.dumps(keep, sort_keys=True),
+                          extra_params=host_params(extra))

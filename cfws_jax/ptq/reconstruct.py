@@ -124,11 +124,11 @@ def _capture_jit(model: nn.Module, key: Plan, name: str):
             raise _Captured(args[0])
         return next_fun(*args, **kwargs)
 
-    def fn(weights, amax, qmax, enabled, x):
+    def fn(weights, amax, qmax, enabled, x, extra_params):
         TRACE_COUNTS["capture"] += 1
         try:
             with nn.intercept_methods(grab):  # outer: runs before the fake-quant interceptor
-                fwd(weights, amax, qmax, enabled, x)
+                fwd(weights, amax, qmax, enabled, x, extra_params=extra_params)
         except _Captured as c:
             return c.value
         raise ValueError(f"layer {name!r} is not called by the model")
@@ -137,13 +137,14 @@ def _capture_jit(model: nn.Module, key: Plan, name: str):
 
 
 def capture(model: nn.Module, plan: Plan, name: str, weights: Mapping, amax, enabled,
-            batches: Sequence) -> np.ndarray:
+            batches: Sequence, extra_params=None) -> np.ndarray:
     """``[N, ...]`` float32 (NumPy): the input of layer ``name`` as the fake-quant forward sees it
     (before the layer's ``:in`` point), for every image of ``batches`` (NHWC, concatenated).
 
     ``weights`` ``{layer: {"kernel", "bias"?}}``, ``amax`` ``(P,)`` and ``enabled`` ``(P,)`` bool
     are the arguments of :func:`cfws_jax.ptq.runtime.make_forward`'s forward (float weights with
-    nothing enabled: the float network). The reference of :func:`refine`'s one-pass capture: one
+    nothing enabled: the float network; ``extra_params`` the non-layer params,
+    :func:`cfws_jax.ptq.graph.non_layer_params`). The reference of :func:`refine`'s one-pass capture: one
     compile per layer, and the network up to the layer runs again for every layer.
     """
     fn = _capture_jit(model, forward_key(plan), name)
@@ -151,7 +152,8 @@ def capture(model: nn.Module, plan: Plan, name: str, weights: Mapping, amax, ena
     n = sum(int(b.shape[0]) for b in batches)
     out, i = None, 0
     for x in batches:
-        t = np.asarray(fn(weights, amax, qmax, enabled, jnp.asarray(x, jnp.float32)), np.float32)
+        t = np.asarray(fn(weights, amax, qmax, enabled, jnp.asarray(x, jnp.float32), dict(extra_params or {})),
+                       np.float32)
         if out is None:
             out = np.empty((n, *t.shape[1:]), np.float32)
         out[i:i + t.shape[0]] = t
@@ -418,7 +420,7 @@ def _refine_layer(lp: LayerPlan, x_q, x_fp, st: dict) -> str:
 
 
 def refine(model: nn.Module, plan: Plan, float_w: Mapping, q_layers: Mapping, amax, batches: Sequence,
-           config: QuantConfig, progress: bool = True) -> tuple[dict, np.ndarray, dict]:
+           config: QuantConfig, progress: bool = True, extra_params=None) -> tuple[dict, np.ndarray, dict]:
     """Reconstruct and / or bias-correct every non-float layer (module docstring), in one pass.
 
     Every calibration batch runs through the float and the quantized network at once (two
@@ -434,6 +436,7 @@ def refine(model: nn.Module, plan: Plan, float_w: Mapping, q_layers: Mapping, am
       q_layers: ``{layer: stored arrays}`` after round-to-nearest (weights.py layout).
       amax: ``(P,)`` calibrated activation ranges.
       batches: the calibration batches (NHWC float32).
+      extra_params: the deploy form's non-layer params (:func:`cfws_jax.ptq.graph.non_layer_params`).
     Returns ``(new q_layers, new amax (P,), meta)``, ``meta`` holding ``"reconstruction"`` and / or
     ``"bias_correction"`` per-layer statistics and ``"refine_seconds"``; the inputs are not changed.
     """
@@ -441,7 +444,7 @@ def refine(model: nn.Module, plan: Plan, float_w: Mapping, q_layers: Mapping, am
     todo = [lp for lp in plan.layers if lp.scheme != "float"]
     st = {"config": config, "plan": plan, "float_w": float_w, "q_layers": dict(q_layers),
           "amax": np.array(amax, np.float32), "rcfg": recon_config(config) if config.reconstruct else None,
-          "recon": {}, "bc": {}, "capture_seconds": 0.0,
+          "recon": {}, "bc": {}, "capture_seconds": 0.0, "extra_params": dict(extra_params or {}),
           "units": recon_units(plan, config.recon_unit) if config.reconstruct else {},
           "quant_w": {n: {k: jnp.asarray(v) for k, v in dequantize_layer(q).items()} for n, q in q_layers.items()}}
     st["inner"] = {lp.info.name: first for first, u in st["units"].items() for lp in u[1:]}
@@ -502,7 +505,7 @@ def _one_pass(model, plan: Plan, todo, batches, st: dict, progress: bool) -> Non
             w = (st["quant_w"] if quant else st["float_w"])[name]
             return apply_layer(lp, plan, geoms[name], w, x, point=point if quant else None)
 
-        intercepted_forward(model, batches[b], on_layer, "reconstruction")
+        intercepted_forward(model, batches[b], on_layer, "reconstruction", st["extra_params"])
 
     try:
         run_in_lockstep([(k, b) for b in range(nb) for k in ("q", "fp")], run, barrier)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfws_jax.bops import ConvGeometry, network_bops
-from cfws_jax.ptq.model import QuantizedModel, layer_params, model_for, resolve_model
+from cfws_jax.ptq.model import QuantizedModel, device_params, layer_params, model_for, resolve_model
 from cfws_jax.ptq.runtime import jitted_forward
 
 
@@ -65,10 +65,10 @@ def _comparison(qm: QuantizedModel, variables, images, model=None, return_output
     model = model_for(qm, model)
     x = jnp.asarray(images, jnp.float32)
     fwd = jitted_forward(model, qm.plan, return_outputs=return_outputs)
-    amax, qmax = jnp.asarray(qm.act_amax), qm.plan.qmax()
+    amax, qmax, extra = jnp.asarray(qm.act_amax), qm.plan.qmax(), device_params(qm.extra_params)
 
     def run(weights, enabled):
-        return fwd(weights, amax, qmax, jnp.asarray(enabled, bool), x)
+        return fwd(weights, amax, qmax, jnp.asarray(enabled, bool), x, extra_params=extra)
 
     return run, _float_weights(qm, variables), qm.dequantized_weights(as_jax=True), x
 

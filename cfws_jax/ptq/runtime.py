@@ -6,7 +6,10 @@
 ``forward(weights, amax, enabled, x, ...)``:
 
 * ``weights``: ``{layer: {"kernel": HWIO or [in, out] float32, "bias": (O,)}}``, the (already
-  dequantized) weights to use; the model's own params are not read.
+  dequantized) weights to use; the model's own layer params are not read.
+* ``extra_params`` (keyword): the deploy form's non-layer params
+  (:func:`cfws_jax.ptq.graph.non_layer_params`, e.g. YOLOv6 BottleRep ``alpha``), nested as in
+  the params tree; None / ``{}`` for models without them.
 * ``amax``: ``(P,)`` float32 per quantization point; ``qmax``: ``(P,)`` largest integer code
   (``plan.qmax()``); ``enabled``: ``(P,)`` bool, points whose quantizer is active (``False`` =
   pass the float tensor through).
@@ -135,7 +138,8 @@ def layer_linear(info: LayerInfo, x, kernel, bias, unrolled: bool = False):
 
 def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, return_outputs: bool = False,
                  num_bins: int = 2048):
-    """Pure ``forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None) -> dict``.
+    """Pure ``forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None,
+    mask=None, extra_params=None) -> dict``.
 
     ``mask``: optional bool ``[B]``, the rows that count in the statistics (False: padding).
     Returns ``{"logits"}`` plus ``"stage_max"``, ``"stage_state"`` (collect="stage"),
@@ -145,7 +149,8 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
         raise ValueError(f"collect must be None, 'stage' or 'all', got {collect!r}")
     by_name = {lp.info.name: lp for lp in plan.layers}
 
-    def forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None, mask=None):
+    def forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None, mask=None,
+                extra_params=None):
         out: dict = {"outputs": {}}
         if collect == "stage":
             out["stage_max"] = jnp.zeros((), jnp.float32)
@@ -196,7 +201,7 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
             return y
 
         with nn.intercept_methods(interceptor):
-            out["logits"] = model.apply({"params": {}}, x)
+            out["logits"] = model.apply({"params": dict(extra_params or {})}, x)
         if collect == "all":
             out["maxes"] = jnp.stack(out["maxes"]) if out["maxes"] else jnp.zeros((0,), jnp.float32)
         if not return_outputs:
