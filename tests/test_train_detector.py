@@ -111,10 +111,13 @@ def test_augment_moves_boxes_with_pixels_and_is_deterministic():
         for box, c, ok in zip(a["boxes"][i], a["classes"][i], a["mask"][i]):
             if not ok:
                 continue
-            hit = np.all(a["images"][i] == COLOURS[c], axis=-1)
+            # an object's colour (a later rectangle may cover part of an earlier one), not the grey noise
+            hit = np.any([np.all(a["images"][i] == col, axis=-1) for col in COLOURS], axis=0)
             x1, y1, x2, y2 = box
-            inside = hit[int(np.ceil(y1)):int(np.floor(y2)), int(np.ceil(x1)):int(np.floor(x2))]
-            assert inside.mean() > 0.8  # the box covers the object's colour after flip / zoom / shift
+            # the box's interior (1 px in from each side: zoom resamples the edges bilinearly, so
+            # they blend with the background) shows the object's colour after flip / zoom / shift
+            inside = hit[int(np.ceil(y1)) + 1:int(np.floor(y2)) - 1, int(np.ceil(x1)) + 1:int(np.floor(x2)) - 1]
+            assert inside.size and inside.mean() > 0.8, (i, box, inside.mean())
     # HSV jitter keeps hue and a flip alone mirrors the boxes exactly
     img, box, m = augment_image(scenes["images"][0], scenes["boxes"][0], scenes["mask"][0], np.random.default_rng(0),
                                 AugmentConfig(flip=1.0, scale=0.0, translate=0.0, hsv_s=0.0, hsv_v=0.0))
@@ -124,12 +127,13 @@ def test_augment_moves_boxes_with_pixels_and_is_deterministic():
 
 def test_optimizer_pieces():
     params = {"a": {"kernel": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones(2)}, "bn": {"scale": jnp.ones(2)}}
-    assert jax.tree_util.tree_leaves(kernel_mask(params)) == [True, False, False]
+    mask = kernel_mask(params)
+    assert (mask["a"]["kernel"], mask["a"]["bias"], mask["bn"]["scale"]) == (True, False, False)
     assert lr_at(0, 100, 10, 0.1) == pytest.approx(0.01) and lr_at(9, 100, 10, 0.1) == pytest.approx(0.1)
     assert lr_at(100, 100, 10, 0.1) == pytest.approx(0.001)
     assert ema_tau_for(10 ** 6) == 2000.0 and ema_tau_for(10) == 10.0
     assert np.exp(1000 / ema_tau_for(1000)) == pytest.approx(50)  # end horizon 5 % of the run
-    assert float(ema_decay(1, 0.9999, 2000)) == pytest.approx(0.9999 * (1 - np.exp(-1 / 2000)), rel=1e-5)
+    assert float(ema_decay(1, 0.9999, 2000)) == pytest.approx(0.9999 * (1 - np.exp(-1 / 2000)), rel=1e-3)  # float32
     tx = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5, momentum=0.0))
     st = tx.init(params)
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -176,7 +180,9 @@ def test_script_resumes_exactly(tiny_cifar, tmp_path, monkeypatch):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", prev[1])
     la, lb = (json.loads((tmp_path / d / "log.json").read_text()) for d in ("full", "resumed"))
     assert [r["loss"] for r in la["steps_log"]] == [r["loss"] for r in lb["steps_log"]]
-    assert len(la["steps_log"]) == 6 and la["history"] == lb["history"][:len(la["history"])]
+    timing = ("images_per_s", "seconds", "eval_seconds")  # wall-clock fields differ between runs
+    hist = lambda log: [{k: v for k, v in h.items() if k not in timing} for h in log["history"]]  # noqa: E731
+    assert len(la["steps_log"]) == 6 and hist(la) == hist(lb)[:len(la["history"])] and hist(la)
     assert 0.0 <= la["final_heldout"]["mAP"] <= 1.0
     a, b = np.load(tmp_path / "full" / "final.npz"), np.load(resumed / "final.npz")
     assert sorted(a.files) == sorted(b.files) and any(k.startswith("batch_stats/") for k in a.files)

@@ -119,12 +119,14 @@ def calibrate_parallel(model, plan: Plan, weights, batches, config: QuantConfig,
 
 
 def calibrate_sequential_reference(model, plan: Plan, weights, batches, config: QuantConfig,
-                                   progress=True, mesh=None, extra_params=None) -> np.ndarray:
+                                   progress=True, mesh=None, known=None, extra_params=None) -> np.ndarray:
     """amax ``(P,)``, each point calibrated on quantized weights and quantized upstream tensors.
 
     The slow reference: the whole network runs once (one batch) or twice (range + histogram)
     per point. :func:`calibrate_sequential` gives the bit-identical result in one pass.
-    ``mesh``, ``extra_params``: as in :func:`calibrate_parallel`."""
+    ``mesh``, ``known``, ``extra_params``: as in :func:`calibrate_sequential` (a known point is
+    taken as it is, without its passes)."""
+    known = dict(known or {})
     P = len(plan.points)
     rows = [int(b.shape[0]) for b in batches]
     n_img = sum(rows)
@@ -140,6 +142,10 @@ def calibrate_sequential_reference(model, plan: Plan, weights, batches, config: 
     bar = Progress(total=n_img * sum(passes), desc=f"calibrate (sequential, {P} quantizers)", unit="img",
                    disable=not progress)
     for i, p in enumerate(plan.points):
+        if i in known:
+            amax[i] = known[i]
+            bar.update(n_img * passes[i])
+            continue
         enabled = jnp.asarray(idx < i)
         a = jnp.asarray(amax)
         if len(batches) == 1:  # one batch: range and histogram from a single forward
