@@ -92,13 +92,8 @@ def _flat(tree, prefix=()):
     return {prefix: tree}
 
 
-@functools.lru_cache(maxsize=None)
 def image(hw: int = HW) -> np.ndarray:
-    """A fixed NHWC ``[1, hw, hw, 3]`` image in [0, 1]: smooth gradients plus noise."""
-    yy, xx = np.mgrid[0:hw, 0:hw] / hw
-    rgb = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * xx * yy)], -1)
-    noise = np.random.RandomState(0).rand(hw, hw, 3)
-    return (0.7 * rgb + 0.3 * noise)[None].astype(np.float32)
+    return yt.fixed_image(hw)
 
 
 def _same_survivors(a, b, atol: float, what: str) -> None:

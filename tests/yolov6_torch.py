@@ -21,6 +21,7 @@ NCHW; ``predict`` takes NHWC float32 and returns the decoded ``[B, N, 5 + nc]``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import importlib.util
 import sys
@@ -604,3 +605,12 @@ def to_flax_variables(model: nn.Module) -> dict:
         if alpha is not None:
             put(params, path, "alpha", alpha)
     return {"params": params, "batch_stats": stats}
+
+
+@functools.lru_cache(maxsize=None)
+def fixed_image(hw: int = 128) -> np.ndarray:
+    """A fixed NHWC ``[1, hw, hw, 3]`` image in [0, 1]: smooth gradients plus noise."""
+    yy, xx = np.mgrid[0:hw, 0:hw] / hw
+    rgb = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * xx * yy)], -1)
+    noise = np.random.RandomState(0).rand(hw, hw, 3)
+    return (0.7 * rgb + 0.3 * noise)[None].astype(np.float32)
