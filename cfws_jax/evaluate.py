@@ -128,9 +128,9 @@ def evaluate_classifier(apply_fn, source, *, batch_size: int = 64, limit: int | 
 
 def subset_description(source, limit: int | None, subset: str = "balanced") -> str:
     """``"1000 of 10000 test images, 100 per class"``: which images ``limit`` / ``subset`` select."""
-    from cfws_jax.data.source import describe_subset
+    from cfws_jax.data.source import describe_subset, excluded_note, num_excluded
 
     labels = source.known_labels() if hasattr(source, "known_labels") else None
     split = getattr(source, "split", None)
     return describe_subset(source.subset(limit, subset), source.num_images, labels,
-                           f"{split} images" if split else "images")
+                           f"{split} images" if split else "images", num_excluded(source)) + excluded_note(source)

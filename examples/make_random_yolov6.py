@@ -23,7 +23,7 @@ def main() -> int:
     import yolov6_torch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="yolov6n_v2", choices=sorted(yolov6_torch.VARIANTS))
+    p.add_argument("--arch", default="yolov6n_v2", choices=sorted({**yolov6_torch.VARIANTS, **yolov6_torch.LARGE}))
     p.add_argument("--out", required=True, help="output .pt file (must not exist)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -6,6 +6,11 @@
 ``--integer`` runs a quantized model in integer arithmetic (:mod:`cfws_jax.ptq.integer_runtime`;
 also with ``--task detect``) and prints the same table.
 
+``--exclude-calib [QDIR]`` leaves out the images that calibrated ``QDIR`` (default the
+``--quantized`` model; ``ptq`` records them), e.g. when calibration and evaluation read the same
+folder; without it, a quantized model scored on images it was calibrated on gets a one-line
+warning (:mod:`cfws_jax.data.holdout`).
+
 ``--limit N`` takes N images that represent the source (stratified by class where labels are known,
 else evenly spaced; ``--first``: the first N) and the result names them ("1000 of 10000 test images,
 100 per class"). With ``--json`` the last stdout line is
@@ -45,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--first", action="store_true",
                    help="with --limit: take the source's first N images instead (biased when the source "
                    "is sorted by class, as CIFAR npz files are)")
+    p.add_argument("--exclude-calib", nargs="?", const="", default=None, metavar="QDIR",
+                   help="leave out the images that calibrated QDIR (default: the --quantized model), as "
+                   "recorded by cfws-jax ptq; use it on the float run too, so both score the same images. "
+                   "Without it, eval warns when a quantized model is scored on its calibration images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--protocol", default="resize_crop", choices=("resize_crop", "direct"),
                    help="resize_crop: short side 256 + centre crop 224; direct: resize to 224x224")
@@ -162,6 +171,7 @@ def run(args) -> int:
     except ImportError as e:  # e.g. tensorflow_datasets / Pillow missing: a user-facing error
         raise ValueError(str(e)) from e
     print(f"data: {src.describe()}", file=log)
+    _hold_out(args, src)
     apply_fn = build_apply_fn(args.arch, params=args.params, quantized=args.quantized, **_integer_kwargs(args))
     res = evaluate_classifier(apply_fn, src, batch_size=args.batch_size, limit=args.limit,
                               progress=not args.no_progress, mesh=mesh, subset=_subset(args))
@@ -171,6 +181,41 @@ def run(args) -> int:
         top5 = "n/a" if res["top5"] is None else f"{100 * res['top5']:.2f}%"
         print(f"{args.arch}: top-1 {100 * res['top1']:.2f}%  top-5 {top5}  ({res['subset']})")
     return 0
+
+
+def _hold_out(args, src) -> None:
+    """``--exclude-calib``: drop the recorded calibration images from ``src``; without it, warn
+    (one stderr line) when the ``--quantized`` model was calibrated on images about to be scored."""
+    from cfws_jax.data.holdout import calibration_overlap, read_record
+
+    qdir = args.exclude_calib or args.quantized
+    if args.exclude_calib is not None and not qdir:
+        raise ValueError("--exclude-calib needs QDIR when evaluating --params (the quantized model whose "
+                         "calibration images to leave out)")
+    if qdir is None:
+        return
+    try:
+        record = read_record(qdir)
+    except (OSError, ValueError):
+        if args.exclude_calib is not None:
+            raise
+        return  # an unreadable --quantized folder: the model loader says why
+    if record is None:
+        if args.exclude_calib is not None:
+            raise ValueError(f"--exclude-calib: {qdir} does not record its calibration images (quantized "
+                             "before cfws-jax recorded them, or by the Python API); quantize it again with ptq")
+        return
+    overlap = calibration_overlap(record, src)
+    if args.exclude_calib is not None:
+        src.exclude(overlap, f"calibration images of {qdir}")
+        print(f"excluded {len(overlap)} images that calibrated {qdir}", file=sys.stderr)
+    elif len(overlap) and args.quantized:
+        chosen = src.subset(args.limit, _subset(args))
+        both = len(set(overlap.tolist()) & set(chosen.tolist()))
+        if both:
+            print(f"warning: {both} of the {len(chosen)} images to score from {src.spec} calibrated {qdir}; "
+                  "their scores are optimistic: calibrate on another split or folder, or add --exclude-calib "
+                  f"here and --exclude-calib {qdir} to the float run", file=sys.stderr)
 
 
 def _subset(args) -> str:
@@ -228,6 +273,7 @@ def run_detect(args) -> int:
     except ImportError as e:  # pycocotools / Pillow missing: a user-facing error
         raise ValueError(str(e)) from e
     print(f"data: {src.describe()}", file=log)
+    _hold_out(args, src)
     apply_fn = build_apply_fn(args.arch, params=args.params, quantized=args.quantized, **_integer_kwargs(args))
     batch = max(1, min(args.batch_size, src.count(args.limit)))  # pad no further than the images there are
     res = evaluate_detector(apply_fn, src, batch_size=batch, limit=args.limit,

@@ -196,6 +196,7 @@ def run(args) -> int:
             f"{r['layer']} ({sensitivity_db(r):.1f} dB)" for r in ranking[: args.keep_float]), file=sys.stderr)
         config = config.replace(float_layers=tuple(config.float_layers) + keep)
         qm = quantize(arch, variables, batches, config, progress=progress, mesh=mesh, reuse=qm)
+    qm = _with_calibration_record(qm, src, config)
     report = layer_report(qm, variables, batches[0][:8])
     import jax
 
@@ -216,3 +217,17 @@ def run(args) -> int:
     print(f"quantized {arch} with preset {args.preset}: {len(qm.plan.layers)} layers "
           f"({n_cfws} CFWS), {len(qm.plan.points)} activation quantizers -> {args.out}")
     return 0
+
+
+def _with_calibration_record(qm, src, config):
+    """``qm`` whose metadata names the calibration images (:mod:`cfws_jax.data.holdout`), so that
+    ``eval`` can tell when it scores the images the model was calibrated on."""
+    import json
+
+    from cfws_jax.data import calibration_indices
+    from cfws_jax.data.holdout import RECORD_KEY, calibration_record
+
+    meta = qm.meta
+    idx = calibration_indices(src.num_images, config.num_calib_images, config.seed)
+    meta.setdefault("calibration", {})[RECORD_KEY] = calibration_record(src, idx)
+    return qm.replace(meta_json=json.dumps(meta, sort_keys=True))

@@ -17,7 +17,7 @@ import numpy as np
 
 from cfws_jax.data.errors import DataError
 from cfws_jax.data.preprocess import UNIT, load_image
-from cfws_jax.data.source import ImageSource, _check_batch_size, check_split, limited_count, subset_indices
+from cfws_jax.data.source import ImageSource, _check_batch_size, check_split, pick_subset
 from cfws_jax.detection.letterbox import DEFAULT_SIZE, LetterboxInfo, letterbox
 
 
@@ -133,9 +133,9 @@ class CocoSource:
         self.category_ids = tuple(sorted(c["id"] for c in data["categories"]))
         self.coco = coco_from_dict(data)
 
-    def count(self, limit: int | None = None) -> int:
-        """Images evaluated with ``limit``: ``min(limit, num_images)``."""
-        return limited_count(self.num_images, limit, self.spec)
+    excluded = None  # indices never evaluated (:meth:`exclude`)
+    exclude = ImageSource.exclude
+    count = ImageSource.count
 
     def _decode(self, i: int) -> tuple[np.ndarray, LetterboxInfo]:
         img = load_image(self.paths[i])
@@ -158,7 +158,7 @@ class CocoSource:
     def subset(self, limit: int | None = None, subset: str = "balanced") -> np.ndarray:
         """Indices (file-name order) of the ``limit`` images evaluated: evenly strided over the
         folder (``"balanced"``) or the first ones (``"first"``); see :func:`subset_indices`."""
-        return subset_indices(self.num_images, self.count(limit), None, subset)
+        return pick_subset(self, self.count(limit), None, subset)
 
     def iter_batches(self, batch_size: int, limit: int | None = None, subset: str = "balanced") -> Iterator[tuple]:
         """Batches of :meth:`subset` in file-name order; the last may be smaller."""

@@ -121,6 +121,8 @@ def open_npz(path, *, split: str, image_size, protocol: str, normalization: Norm
         raise DataError(f"{path}: out of memory while reading the arrays") from None
     except (OSError, zipfile.BadZipFile, EOFError, OverflowError, NotImplementedError, RuntimeError) as e:
         raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    return ArraySource(x, y, spec=str(path), split=split, num_classes=num_classes,
-                       normalization=normalization, image_size=image_size, protocol=protocol,
-                       class_names=classes)
+    src = ArraySource(x, y, spec=str(path), split=split, num_classes=num_classes,
+                      normalization=normalization, image_size=image_size, protocol=protocol,
+                      class_names=classes)
+    src.data_split = _SPLIT_KEYS[split]  # the arrays read (val = test): names images for data.holdout
+    return src

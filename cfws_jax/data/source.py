@@ -49,9 +49,16 @@ class ImageSource:
         """Images ``float32 [len(indices), H, W, 3]`` and labels ``int32 [len(indices)]``."""
         raise NotImplementedError
 
+    excluded: np.ndarray | None = None  # indices :meth:`subset` never picks (see :meth:`exclude`)
+
+    def exclude(self, indices, why: str = "excluded") -> None:
+        """Never visit ``indices`` again (e.g. the images that calibrated the model under test);
+        ``why`` ends :func:`excluded_note`, e.g. ``"calibration images of q/"``."""
+        self.excluded, self.excluded_why = exclusion(self.num_images, indices, self.spec), why
+
     def count(self, limit: int | None = None) -> int:
-        """Number of images ``iter_batches(.., limit)`` yields: ``min(limit, num_images)``."""
-        return limited_count(self.num_images, limit, self.spec)
+        """Number of images ``iter_batches(.., limit)`` yields: ``min(limit, images not excluded)``."""
+        return limited_count(self.num_images - num_excluded(self), limit, self.spec)
 
     def known_labels(self) -> np.ndarray | None:
         """int32 ``[num_images]`` labels when they are known without decoding images, else None."""
@@ -59,8 +66,9 @@ class ImageSource:
         return None if labels is None else np.asarray(labels)
 
     def subset(self, limit: int | None = None, subset: str = "balanced") -> np.ndarray:
-        """The source indices ``iter_batches(.., limit, subset)`` visits (:func:`subset_indices`)."""
-        return subset_indices(self.num_images, self.count(limit), self.known_labels(), subset)
+        """The source indices ``iter_batches(.., limit, subset)`` visits (:func:`subset_indices`
+        over the images not excluded)."""
+        return pick_subset(self, self.count(limit), self.known_labels(), subset)
 
     def iter_batches(self, batch_size: int, limit: int | None = None, subset: str = "balanced"
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -165,12 +173,45 @@ def subset_indices(num_images: int, n: int, labels=None, subset: str = "balanced
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
-def describe_subset(indices, num_images: int, labels=None, what: str = "images") -> str:
+def exclusion(num_images: int, indices, spec: str) -> np.ndarray:
+    """Sorted unique int64 ``indices``; IndexError naming ``spec`` when one is out of range."""
+    idx = np.unique(np.asarray(indices, np.int64).reshape(-1))
+    if idx.size and (idx[0] < 0 or idx[-1] >= num_images):
+        raise IndexError(f"{spec}: excluded index out of range [0, {num_images})")
+    return idx
+
+
+def num_excluded(source) -> int:
+    """How many images :meth:`ImageSource.exclude` left out of ``source`` (0 for any other source)."""
+    ex = getattr(source, "excluded", None)
+    return 0 if ex is None else len(ex)
+
+
+def pick_subset(source, n: int, labels=None, subset: str = "balanced") -> np.ndarray:
+    """:func:`subset_indices` of ``n`` images over ``source``'s images minus ``source.excluded``
+    (labels restricted alike), as indices of ``source``."""
+    if not num_excluded(source):
+        return subset_indices(source.num_images, n, labels, subset)
+    pool = np.setdiff1d(np.arange(source.num_images, dtype=np.int64), source.excluded)
+    sub_labels = None if labels is None or len(labels) != source.num_images else np.asarray(labels)[pool]
+    return pool[subset_indices(len(pool), n, sub_labels, subset)]
+
+
+def excluded_note(source) -> str:
+    """``""``, or ``"; 32 calibration images of q/ excluded"`` when :meth:`ImageSource.exclude` was used."""
+    k = num_excluded(source)
+    return f"; {k} {getattr(source, 'excluded_why', 'images')} excluded" if k else ""
+
+
+def describe_subset(indices, num_images: int, labels=None, what: str = "images", excluded: int = 0) -> str:
     """One line such as ``"1000 of 10000 test images, 100 per class"`` (or ``"… 98-102 per class"``,
-    ``"… evenly spaced"``, ``"all 10000 …"``)."""
+    ``"… evenly spaced"``, ``"all 10000 …"``); ``excluded``: images left out beforehand
+    (:meth:`ImageSource.exclude`), so that all the rest reads ``"96 of 128 images"``."""
     idx = np.asarray(indices)
     if len(idx) == num_images:
         return f"all {num_images} {what}"
+    if excluded and len(idx) == num_images - excluded:  # every image not excluded
+        return f"{len(idx)} of {num_images} {what}"
     head = f"{len(idx)} of {num_images} {what}"
     if labels is None or len(labels) != num_images or (len(labels) and np.min(labels) < 0):
         return head + (", the first ones" if len(idx) and idx[-1] == len(idx) - 1 else ", evenly spaced")

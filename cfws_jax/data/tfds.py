@@ -63,6 +63,7 @@ class TfdsSource(ImageSource):
                 f"{data_dir or 'default / TFDS_DATA_DIR'}; prepared splits: {sorted(splits)}). "
                 "Prepare it with tfds first; cfws-jax never downloads data.")
         self.split, self.tfds_split = split, tsplit
+        self.data_split = tsplit  # names images for cfws_jax.data.holdout
         self.num_images = int(splits[tsplit].num_examples)
         label = info.features["label"]
         self.num_classes = int(label.num_classes)

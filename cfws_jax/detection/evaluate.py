@@ -19,7 +19,7 @@ import numpy as np
 from cfws_jax.detection.coco import class_to_category, coco_evaluate, to_coco_results
 from cfws_jax.detection.letterbox import scale_boxes
 from cfws_jax.detection.nms import CONF_THRES, IOU_THRES, MAX_DET, MAX_NMS, nms
-from cfws_jax.data.source import describe_subset
+from cfws_jax.data.source import describe_subset, excluded_note, num_excluded
 from cfws_jax.progress import Progress
 
 
@@ -124,4 +124,4 @@ def evaluate_detector(apply_fn, source, *, batch_size: int = 32, limit: int | No
         bar.close()
     res = coco_evaluate(source.coco, results, img_ids=source.image_ids[chosen], log=log)
     return {**res, "images": total, "detections": len(results), "results": results,
-            "subset": describe_subset(chosen, source.num_images)}
+            "subset": describe_subset(chosen, source.num_images, excluded=num_excluded(source)) + excluded_note(source)}
