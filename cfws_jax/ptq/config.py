@@ -17,7 +17,6 @@ preset             weights of rep convs        activation method       ReLU fusi
 ``cfws_kl_recon``  CFWS + learned rounding     kl_cfws                 on   (256 calib images)
 ``kl_recon``       plain + learned rounding    kl_cfws                 on   (256 calib images)
 ``cfws_kl_cle``    CLE, then CFWS              kl_cfws                 on
-``cfws_kl_cle_bc`` CLE, CFWS + bias correction kl_cfws                 on
 =================  ==========================  ======================  ===========
 
 The last three go beyond the paper (issue #14, :mod:`cfws_jax.ptq.reconstruct`): after
@@ -26,9 +25,10 @@ shift per channel and ``reconstruct`` learns each weight's rounding (AdaRound) s
 layer's output on quantized inputs matches the float one. ``kl_recon`` is ``cfws_kl_recon``
 without the CFWS split (plain per-channel weights), to show what CFWS brings.
 
-``cfws_kl_cle*`` (issue #24) first equalize the fused float weights across layers
+``cfws_kl_cle`` (issue #24) first equalizes the fused float weights across layers
 (:mod:`cfws_jax.ptq.equalize`: Nagel et al. 2019 cross-layer equalization, the same float
-network), so the CFWS split and the calibration see the equalized layers.
+network), so the CFWS split and the calibration see the equalized layers; ``cle=True`` (CLI
+``--cle``) does the same for any preset.
 """
 
 from __future__ import annotations
@@ -213,7 +213,6 @@ PRESETS["cfws_kl_recon"] = QuantConfig(act_method="kl_cfws", reconstruct=True, n
 PRESETS["kl_recon"] = QuantConfig(cfws=False, act_method="kl_cfws", reconstruct=True, num_calib_images=256)
 # issue #24: cross-layer equalization first
 PRESETS["cfws_kl_cle"] = QuantConfig(act_method="kl_cfws", cle=True)
-PRESETS["cfws_kl_cle_bc"] = QuantConfig(act_method="kl_cfws", cle=True, bias_correction=True)
 
 
 def get_preset(name: str, **overrides) -> QuantConfig:

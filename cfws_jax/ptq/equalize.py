@@ -9,6 +9,8 @@ divided by ``s_i`` and ``B'`` = ``B``'s input channel ``i`` weights (a depthwise
 filter ``i``) multiplied by ``s_i``. ``s_i = sqrt(r1_i / r2_i)`` (``r1_i`` = ``max|W|`` of
 ``A``'s output channel ``i``, ``r2_i`` = that of ``B``'s input channel ``i``) makes both
 ranges ``sqrt(r1_i r2_i)``; sweeps over all pairs repeat until every ``|s_i - 1| < tol``.
+Dead channels (``r1_i`` or ``r2_i`` below ``DEAD`` times its layer's largest; Apple's
+MobileOne-S0 has such channels, weights ~1e-24 with a bias) keep ``s_i = 1``.
 
 Pairs come from the traced graph (:func:`equalization_pairs`): a pair is skipped when ``A``'s
 output has another reader (a residual add, a concat, an SE branch, a second layer, a network
@@ -32,6 +34,7 @@ from cfws_jax.models.layers import QConv, QDense
 from cfws_jax.ptq.graph import discover_layers, layer_name
 
 HOMOGENEOUS_ACTS = (None, "relu")
+DEAD = 1e-4  # a channel whose weight range is below DEAD x its layer's largest is left alone
 # ops allowed between A's output and B's input: channel-wise and positively homogeneous
 _PASS_OPS = ("reduce_sum", "div", "mul", "convert_element_type", "custom_jvp_call")
 
@@ -152,10 +155,12 @@ def scale_in(kernel, s, groups: int = 1):
     return (k * s.reshape(groups, -1).T[None, :, :, None]).reshape(kernel.shape)
 
 
-def pair_scales(k1, k2, groups: int):
-    """``s = sqrt(r1 / r2)`` per channel; 1 where either range is 0."""
+def pair_scales(k1, k2, groups: int, dead: float = DEAD):
+    """``s = sqrt(r1 / r2)`` per channel; 1 where either range is at most ``dead`` times its
+    layer's largest (a dead channel: scaling its tiny weights up would scale its constant
+    ``ReLU(bias)`` output by the same huge factor)."""
     r1, r2 = out_ranges(k1), in_ranges(k2, groups)
-    ok = (r1 > 0) & (r2 > 0)
+    ok = (r1 > dead * jnp.max(r1)) & (r2 > dead * jnp.max(r2)) & (r1 > 0) & (r2 > 0)
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, r1, 1.0) / jnp.where(ok, r2, 1.0)), 1.0)
 
 
