@@ -14,7 +14,7 @@ from cfws_jax.models import create_model
 from cfws_jax.models.layers import QConv, QDense
 from cfws_jax.models.mobileone import MobileOneConfig
 from cfws_jax.models.repvgg import RepVGGConfig
-from cfws_jax.ptq.equalize import EqPair, cross_layer_equalize, equalization_pairs, equalize_weights, in_ranges
+from cfws_jax.ptq.equalize import EqPair, cross_layer_equalize, equalization_pairs, in_ranges
 
 from conftest import numpy_init
 from test_cli_ptq import tiny_cifar  # noqa: F401  (fixture)
