@@ -19,7 +19,8 @@ Two parts, each printing Markdown tables (paste them into the README with the ma
     python benchmarks/bench_reconstruction.py cifar --data ../shared/data/cifar10_jpeg_yoongikim.npz \
         [--seeds 0 1 2] [--settings 8,8 6,6 4,8 4,4] [--num-calib 256] [--iters N] [--every 1]
     python benchmarks/bench_reconstruction.py s0 --s0 ../shared/data/mobileone_s0_deploy_awkrail.npz \
-        --coco ../shared/data/coco128/train2017 [--s0-calib-images 64] [--iters N]
+        --coco ../shared/data/coco128/train2017 [--s0-calib-images 64] [--iters N] [--settings 8,8 6,6 4,8] \
+        [--methods cfws_kl cfws_kl_cle] [--ranges stage3_16 stage3_17 stage3_18]
 
 ``--iters`` defaults to :class:`cfws_jax.ptq.QuantConfig`'s ``recon_iters``.
 """
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import load_line, print_machine  # noqa: E402
 
 CIFAR_METHODS = ("minmax", "cfws_kl", "cfws_kl_bc", "cfws_kl_recon", "kl_recon")
-S0_METHODS = ("cfws_kl", "cfws_kl_bc", "cfws_kl_recon")
+S0_METHODS = ("cfws_kl", "cfws_kl_bc", "cfws_kl_recon")  # also cfws_kl_cle (issue #24)
 
 
 def peak_rss_gb() -> float:
@@ -198,18 +199,24 @@ def run_s0(args) -> None:
     print(f"mobileone_s0 (Apple ImageNet weights), calibration {len(calib)} views of {args.s0_calib_images} "
           f"COCO128 images, held out {len(held)} COCO128 images + the golden input, seed {args.seed}, "
           f"reconstruction iterations {args.iters if args.iters is not None else 'default'}\n", flush=True)
+    if args.ranges:
+        s0_ranges(model, variables, calib[:32], args.ranges)
     results = {}
-    for name in args.methods:
-        cfg = method_config(name, len(calib), args.iters, 8, 8, args.seed)
-        t = time.perf_counter()
-        qm = quantize("mobileone_s0", variables, batches, cfg, progress=not args.no_progress)
-        tq = time.perf_counter() - t
-        fn = quantized_apply_fn(qm, model)
-        results[name] = (_logit_stats(ref_held, logits(fn, held)), _logit_stats(ref_golden, logits(fn, golden)),
-                         tq, qm.meta)
-        print(f"  {name}: quantize {tq:.0f} s, peak memory so far {peak_rss_gb():.2f} GB, {load_line()}",
-              flush=True)
-    print("\n| method (W8A8) | held-out cosine mean (min) | held-out SQNR dB | top-1 agreement | golden cosine | "
+    for w, a in [tuple(int(v) for v in st.split(",")) for st in args.settings]:
+        for name in args.methods:
+            cfg = method_config(name, len(calib), args.iters, w, a, args.seed)
+            t = time.perf_counter()
+            qm = quantize("mobileone_s0", variables, batches, cfg, progress=not args.no_progress)
+            tq = time.perf_counter() - t
+            fn = quantized_apply_fn(qm, model)
+            key = name if args.settings == ["8,8"] else f"W{w}A{a} {name}"
+            results[key] = (_logit_stats(ref_held, logits(fn, held)), _logit_stats(ref_golden, logits(fn, golden)),
+                            tq, qm.meta)
+            h = results[key][0]
+            print(f"  {key}: quantize {tq:.0f} s, held-out cosine {h['cosine']:.4f} SQNR {h['sqnr']:.2f} dB, "
+                  f"peak memory so far {peak_rss_gb():.2f} GB, {load_line()}", flush=True)
+    head = "method (W8A8)" if args.settings == ["8,8"] else "setting, method"
+    print(f"\n| {head} | held-out cosine mean (min) | held-out SQNR dB | top-1 agreement | golden cosine | "
           "golden SQNR dB | quantize s |")
     print("|---|---|---|---|---|---|---|")
     for name, (h, g, tq, _) in results.items():
@@ -230,6 +237,37 @@ def run_s0(args) -> None:
                   f"{v['loss_before']:.4g} -> {v['loss_after']:.4g}")
 
 
+def s0_ranges(model, variables, images, layers) -> None:
+    """Per-channel ranges of ``layers`` (``stage3_17``) before / after cross-layer equalization:
+    the weights' ``max|W|`` per output channel and the float output's per-channel max over
+    ``images`` (what the per-tensor output quantizer has to cover)."""
+    import jax
+
+    from cfws_jax.ptq.model import equalized_params
+
+    eq, stats = equalized_params(model, variables["params"], (1, *images.shape[1:]))
+    print(f"CLE: {stats['pairs']} pairs, {stats['iterations']} sweeps, last max |s-1| "
+          f"{stats['max_scale_change']:.2g}, skipped {stats['skipped']}")
+    print("\n| layer | params | weight range max / median (top channels) | output channel max: max / median "
+          "(top channels) | channels under 1/100 of the max |")
+    print("|---|---|---|---|---|")
+    for tag, p in (("float", variables["params"]), ("CLE", eq)):
+        _, st = jax.jit(lambda x, p=p: model.apply({"params": p}, x, capture_intermediates=True))(images)
+        inter = st["intermediates"]
+        for layer in layers:
+            k = np.asarray(p[layer]["reparam_conv"]["kernel"])
+            wr = np.abs(k.reshape(-1, k.shape[-1])).max(0)
+            act = np.asarray(inter[layer]["reparam_conv"]["__call__"][0]).reshape(-1, k.shape[-1]).max(0)
+
+            def top(v):
+                i = np.argsort(-v)[:3]
+                return ", ".join(f"#{j} {v[j]:.3g}" for j in i)
+
+            print(f"| {layer} | {tag} | {wr.max():.3g} / {np.median(wr):.3g} ({top(wr)}) | "
+                  f"{act.max():.3g} / {np.median(act):.3g} ({top(act)}) | {int((act < act.max() / 100).sum())} of {len(act)} |")
+    print(flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="part", required=True)
@@ -247,6 +285,9 @@ def main(argv=None):
     s.add_argument("--s0-calib-images", type=int, default=64, help="COCO128 images used (4 views each)")
     s.add_argument("--methods", nargs="+", default=list(S0_METHODS))
     s.add_argument("--iters", type=int, default=None)
+    s.add_argument("--settings", nargs="+", default=["8,8"], help="w_bits,a_bits pairs (default 8,8)")
+    s.add_argument("--ranges", nargs="*", default=[], metavar="LAYER",
+                   help="print per-channel weight / output ranges of these blocks (stage3_17) before / after CLE")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--show-layers", type=int, default=6)
     s.add_argument("--no-progress", action="store_true")

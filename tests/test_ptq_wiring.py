@@ -278,8 +278,9 @@ FIELD_CASES = {
 @pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p != "cfws_kl_reponly"))  # alias of only_rep_kl
 def test_preset_matches_independent_reference(preset):
     # presets that refine the weights after calibration (bias correction, learned rounding:
-    # tests/test_reconstruct.py) are checked here up to that step: the rest of their wiring
-    refine = tuple((f, False) for f in ("reconstruct", "bias_correction") if getattr(PRESETS[preset], f))
+    # tests/test_reconstruct.py) are checked here up to that step: the rest of their wiring;
+    # cross-layer equalization (cle) acts before it all: tests/test_equalize.py
+    refine = tuple((f, False) for f in ("reconstruct", "bias_correction", "cle") if getattr(PRESETS[preset], f))
     cfg, qm, ref_amax = run_case(preset, refine)
     assert qm.config == PRESETS[preset].replace(**dict(refine))
     check_weights(cfg, qm)

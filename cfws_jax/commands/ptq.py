@@ -4,7 +4,7 @@
                  [--report FILE.json|FILE.csv] [--num-calib 32] [--seed 0] [--order sequential]
                  [--w-bits 8] [--a-bits 8] [--act-method M] [--float-layers PAT ...]
                  [--keep-float K] [--bias-correction] [--bias-correction-z 2] [--reconstruct] [--iters 200]
-                 [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P]
+                 [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P] [--cle]
 
 ``--keep-float K`` runs the single-layer sensitivity analysis and keeps the K most sensitive
 layers in float (partial quantization). The final model's calibration reuses what the ranking
@@ -24,6 +24,10 @@ Beyond the paper (issue #14): ``--preset cfws_kl_bc`` (bias correction), ``cfws_
 ``--reconstruct`` switch either on for any preset, and the ``--iters`` / ``--recon-*`` /
 ``--qdrop`` options tune the reconstruction (they need it on). The report then shows each
 layer's output error before and after.
+
+Issue #24: ``--preset cfws_kl_cle`` (or ``--cle`` with any preset) equalizes the fused float
+weights across layers first (:mod:`cfws_jax.ptq.equalize`); the report then compares against the
+equalized float network, channel for channel.
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ def register(sub) -> None:
     p.add_argument("--bias-correction-z", type=float, default=None, metavar="Z",
                    help="bias correction: correct a channel only where its mean shift exceeds Z standard errors "
                         "(over the calibration images; default 2, 0 = every channel)")
+    p.add_argument("--cle", action="store_true",
+                   help="cross-layer equalization of the fused float weights first (Nagel et al. 2019; "
+                        "cfws_kl_cle); the saved layers are the equalized ones")
     p.add_argument("--reconstruct", action="store_true",
                    help="after calibration, learn each layer's weight rounding (AdaRound; cfws_kl_recon)")
     p.add_argument("--iters", type=int, default=None, help="reconstruction: Adam steps per layer or block (default 200; 2000 or more on a GPU)")
@@ -109,6 +116,8 @@ def _overrides(args) -> dict:
         o["bias_correction"] = True
     if args.reconstruct:
         o["reconstruct"] = True
+    if getattr(args, "cle", False):
+        o["cle"] = True
     return o
 
 
@@ -211,6 +220,10 @@ def run(args) -> int:
         st = qmeta["reconstruction"].values()
         print(f"reconstruction: {len(st)} layers in {qmeta['refine_seconds']:.1f} s, "
               f"{sum(s['loss_after'] < s['loss_before'] for s in st)} with a lower output error", file=sys.stderr)
+    if "cle" in qmeta:
+        c = qmeta["cle"]
+        print(f"cross-layer equalization: {c['pairs']} layer pairs, {c['iterations']} sweeps "
+              f"(last max |s-1| {c['max_scale_change']:.2g}), {len(c['skipped'])} layers skipped", file=sys.stderr)
     if "bias_correction" in qmeta:
         print(f"bias correction: {len(qmeta['bias_correction'])} layers", file=sys.stderr)
     n_cfws = sum(lp.scheme == "cfws" for lp in qm.plan.layers)

@@ -3,7 +3,9 @@
 ``qm = quantize("repvgg_a0", variables, calibration_batches, get_preset("cfws_kl"))``, then
 ``quantized_apply_fn(qm)(images) -> logits``; ``save_quantized`` / ``load_quantized`` for orbax.
 Presets ``cfws_kl_bc`` / ``cfws_kl_recon`` / ``kl_recon`` add bias correction / learned rounding
-after calibration (:mod:`cfws_jax.ptq.reconstruct`; statistics in ``qm.meta["reconstruction"]``).
+after calibration (:mod:`cfws_jax.ptq.reconstruct`; statistics in ``qm.meta["reconstruction"]``);
+``cfws_kl_cle`` / ``QuantConfig(cle=True)`` equalizes the fused weights across layers first
+(:mod:`cfws_jax.ptq.equalize`; ``qm.meta["cle"]``).
 """
 
 from cfws_jax.ptq.config import PRESETS, QuantConfig, get_preset

@@ -16,6 +16,7 @@ preset             weights of rep convs        activation method       ReLU fusi
 ``cfws_kl_bc``     CFWS + bias correction      kl_cfws                 on
 ``cfws_kl_recon``  CFWS + learned rounding     kl_cfws                 on   (256 calib images)
 ``kl_recon``       plain + learned rounding    kl_cfws                 on   (256 calib images)
+``cfws_kl_cle``    CLE, then CFWS              kl_cfws                 on
 =================  ==========================  ======================  ===========
 
 The last three go beyond the paper (issue #14, :mod:`cfws_jax.ptq.reconstruct`): after
@@ -23,6 +24,11 @@ calibration, layer by layer in execution order, ``bias_correction`` removes the 
 shift per channel and ``reconstruct`` learns each weight's rounding (AdaRound) so that the
 layer's output on quantized inputs matches the float one. ``kl_recon`` is ``cfws_kl_recon``
 without the CFWS split (plain per-channel weights), to show what CFWS brings.
+
+``cfws_kl_cle`` (issue #24) first equalizes the fused float weights across layers
+(:mod:`cfws_jax.ptq.equalize`: Nagel et al. 2019 cross-layer equalization, the same float
+network), so the CFWS split and the calibration see the equalized layers; ``cle=True`` (CLI
+``--cle``) does the same for any preset.
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ class QuantConfig:
       recon_loss: ``"mse"`` or ``"mae"`` of the layer output against the float one.
       recon_qdrop: QDrop probability (each element of a layer's input falls back to float).
       recon_act_step: also learn the step (amax) of the layer's ``:in`` quantizer (LSQ-style).
+      cle: cross-layer equalization of the fused float weights before anything else
+        (:func:`cfws_jax.ptq.equalize.cross_layer_equalize`); the stored layers are the equalized
+        ones, and ``meta["cle"]`` records the pairs, sweeps and skipped layers.
       recon_unit: ``"block"`` (a YOLOv6 RepBlock's layers are reconstructed jointly, BRECQ-style;
         every other layer alone) or ``"layer"`` (every layer alone); the same for RepVGG / MobileOne.
     """
@@ -128,6 +137,7 @@ class QuantConfig:
     recon_qdrop: float = 0.0
     recon_act_step: bool = False
     recon_unit: str = "block"
+    cle: bool = False
 
     def __post_init__(self):
         for f in ("w_bits", "a_bits"):
@@ -201,6 +211,8 @@ PRESETS["cfws_kl_reponly"] = PRESETS["only_rep_kl"]
 PRESETS["cfws_kl_bc"] = QuantConfig(act_method="kl_cfws", bias_correction=True)
 PRESETS["cfws_kl_recon"] = QuantConfig(act_method="kl_cfws", reconstruct=True, num_calib_images=256)
 PRESETS["kl_recon"] = QuantConfig(cfws=False, act_method="kl_cfws", reconstruct=True, num_calib_images=256)
+# issue #24: cross-layer equalization first
+PRESETS["cfws_kl_cle"] = QuantConfig(act_method="kl_cfws", cle=True)
 
 
 def get_preset(name: str, **overrides) -> QuantConfig:

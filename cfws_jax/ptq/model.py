@@ -134,6 +134,9 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
     input_shape = (1, *batches[0].shape[1:])
     layers = discover_layers(model, {"params": params}, input_shape)
     plan = build_plan(layers, config)
+    cle_meta = None
+    if config.cle:  # issue #24: equalize the fused float weights; everything below sees them
+        params, cle_meta = equalized_params(model, params, input_shape)
 
     float_w, q_layers = {}, {}
     for lp in plan.layers:
@@ -162,6 +165,8 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
             "input_shape": list(input_shape),
             "calibration": {"images": int(sum(b.shape[0] for b in batches)), "batches": len(batches),
                             "order": config.calib_order}}
+    if cle_meta is not None:
+        meta["cle"] = cle_meta
     if config.reconstruct or config.bias_correction:  # issue #14: learned rounding / bias correction
         from cfws_jax.ptq.reconstruct import refine
 
@@ -171,6 +176,25 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
     return QuantizedModel(layers=q_layers, act_amax=np.asarray(amax, np.float32), arch=arch or "",
                           config=config, plan=plan, meta_json=json.dumps(meta, sort_keys=True),
                           extra_params=host_params(extra))
+
+
+def equalized_params(model: nn.Module, params, input_shape) -> tuple[dict, dict]:
+    """``(params, stats)`` after :func:`cfws_jax.ptq.equalize.cross_layer_equalize` (deploy form)."""
+    from cfws_jax.ptq.equalize import cross_layer_equalize
+
+    return cross_layer_equalize(model, params, input_shape)
+
+
+def float_params(qm: QuantizedModel, variables: Mapping, model: nn.Module | None = None) -> dict:
+    """The deploy-form float params ``qm`` was quantized from: ``variables`` fused if in train
+    form, then equalized when ``qm.config.cle`` (so layer outputs compare channel for channel)."""
+    if "batch_stats" in variables and qm.arch:
+        _, _, params = resolve_model(qm.arch, variables, qm.num_classes)
+    else:
+        params = variables["params"]
+    if qm.config.cle:
+        params, _ = equalized_params(model_for(qm, model), params, tuple(qm.meta["input_shape"]))
+    return params
 
 
 def model_for(qm: QuantizedModel, model: nn.Module | None):
@@ -292,7 +316,7 @@ def load_quantized(directory, arch: str | None = None) -> QuantizedModel:
         raise ValueError(f"{directory}: the recorded layers do not match architecture {meta['arch']} "
                          "(saved by a different cfws_jax version or edited)")
     keep = {k: meta[k] for k in ("format", "num_classes", "input_shape", "calibration", "reconstruction",
-                                 "bias_correction", "refine_seconds") if k in meta}
+                                 "bias_correction", "refine_seconds", "cle") if k in meta}
     return QuantizedModel(layers=layers, act_amax=np.asarray(tree["act_amax"], np.float32), arch=meta["arch"],
                           config=config, plan=plan, meta_json=json.dumps(keep, sort_keys=True),
                           extra_params=host_params(extra))

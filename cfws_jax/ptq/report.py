@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cfws_jax.bops import ConvGeometry, network_bops
-from cfws_jax.ptq.model import QuantizedModel, device_params, layer_params, model_for, resolve_model
+from cfws_jax.ptq.model import QuantizedModel, device_params, float_params, layer_params, model_for
 from cfws_jax.ptq.runtime import jitted_forward
 
 
@@ -50,12 +50,10 @@ def cosine(a, b) -> float:
     return float(a @ b / den) if den > 0 else float("nan")
 
 
-def _float_weights(qm: QuantizedModel, variables):
-    """Float ``{layer: {"kernel", "bias"}}`` of the original model (train-form variables are fused)."""
-    if "batch_stats" in variables and qm.arch:
-        _, _, params = resolve_model(qm.arch, variables, qm.num_classes)
-    else:
-        params = variables["params"]
+def _float_weights(qm: QuantizedModel, variables, model=None):
+    """Float ``{layer: {"kernel", "bias"}}`` of the original model (train-form variables are
+    fused; equalized like ``qm`` when ``qm.config.cle``: :func:`cfws_jax.ptq.model.float_params`)."""
+    params = float_params(qm, variables, model)
     return {lp.info.name: {k: jnp.asarray(v, jnp.float32) for k, v in layer_params(params, lp.info.name).items()
                            if k in ("kernel", "bias")} for lp in qm.plan.layers}
 
@@ -70,7 +68,7 @@ def _comparison(qm: QuantizedModel, variables, images, model=None, return_output
     def run(weights, enabled):
         return fwd(weights, amax, qmax, jnp.asarray(enabled, bool), x, extra_params=extra)
 
-    return run, _float_weights(qm, variables), qm.dequantized_weights(as_jax=True), x
+    return run, _float_weights(qm, variables, model), qm.dequantized_weights(as_jax=True), x
 
 
 def bops_scheme(lp, config) -> str:
