@@ -2,8 +2,8 @@
 against onnxruntime's own static quantizer, in one run (README "Export to ONNX").
 
 Models (``--models``): ``cifar`` = the shipped CIFAR RepVGG-A0 (batch 64 at 32 x 32), ``a0_224`` =
-RepVGG-A0 at 224 (batch 8, random weights, BN at its initial statistics), ``yolov6n`` = YOLOv6n at
-640 (batch 1, random weights). Files per model, all from :mod:`cfws_jax.export`:
+RepVGG-A0 at 224 (batch 8, random weights, BN at its initial statistics), ``yolov6n`` = yolov6n_v3
+at 640 (batch 1, random deploy-form weights). Files per model, all from :mod:`cfws_jax.export`:
 
 * ``float``: :func:`~cfws_jax.export.float_onnx`;
 * ``qdq tensorrt``: ``cfws_kl`` model, ``export_onnx(target="tensorrt")`` (explicit QDQ around float convs);
@@ -13,7 +13,7 @@ RepVGG-A0 at 224 (batch 8, random weights, BN at its initial statistics), ``yolo
   on the same calibration images.
 
 Calibration: 32 CIFAR-10 training images (cifar; ``calibration_batches``), else 32 random images
-(8 for our quantizer at 640, parallel order). Timing: ``--warmup`` then ``--iters`` runs, default
+(our quantizer: parallel order for the random-weight models, 8 of the images at 640). Timing: ``--warmup`` then ``--iters`` runs, default
 graph optimizations, ``--threads`` intra-op threads. Accuracy (cifar): 2,000 class-balanced CIFAR-10
 test images (``subset="balanced"``, 200 per class), and the top-1 agreement of each INT8 file with
 the JAX fake-quant simulation of its own model where there is one.
@@ -85,8 +85,8 @@ def _setup(name: str):
 
         arch, v, _ = load_shipped_model("repvgg_a0_cifar")
         return arch, v, 32, 64, np.concatenate(calibration_batches(open_source(CIFAR, split="train"), 32))
-    arch, size, batch = ("repvgg_a0", 224, 8) if name == "a0_224" else ("yolov6n", 640, 1)
-    model = create_model(arch, deploy=False)
+    arch, size, batch = ("repvgg_a0", 224, 8) if name == "a0_224" else ("yolov6n_v3", 640, 1)
+    model = create_model(arch, deploy=name != "a0_224")  # the detector straight in deploy form
     v = jax.jit(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32)))()
     rng = np.random.default_rng(0)
     calib = rng.normal(size=(32, size, size, 3)) if name == "a0_224" else rng.uniform(0, 1, (32, size, size, 3))

@@ -58,7 +58,14 @@ Quantized layers (per ``Plan``):
 
 Known difference from the simulation: ONNX ``QuantizeLinear`` has no narrow-range option, so at
 signed points a value below ``-127.5 * scale`` gets code -128 where the simulation clamps to
--127 (ReLU-fused points are non-negative and unaffected). Only 8-bit activations (and weights
+-127 (ReLU-fused points are non-negative and unaffected; ``act_full_range`` models clamp at -128
+in the simulation too).
+
+Targets: ``tensorrt`` (default) as above; ``onnxruntime`` (:mod:`cfws_jax.export.ort_conv`, models
+of the ``*_ort`` presets): uint8 activations (zero point 128 at signed points), int32 biases on
+the accumulator grid, each CFWS layer as two requantized convs whose sum is a ``DQ , DQ -> Add ->
+[Relu] -> Q`` (the ``cfws_branch_quant`` points, emitted for either target), so that
+onnxruntime's CPU provider fuses every quantized conv into ``QLinearConv``. Only 8-bit activations (and weights
 of at most 8 bits, or 16 bits with opset >= 21) are exported.
 
 YOLOv6 Q/DQ placement (the plan of :mod:`cfws_jax.ptq.graph`): the network input and every
