@@ -2,7 +2,7 @@
 runs every quantized conv of the exported file in an integer kernel, and the file computes what
 the JAX fake-quant simulation of the ``*_ort`` presets computes.
 
-Models: the shipped CIFAR RepVGG-A0 (``cfws_minmax_ort``, 16 calibration images), a small
+Models (``cfws_minmax_ort`` with sequential calibration, which compiles faster): the shipped CIFAR RepVGG-A0 (16 calibration images), a small
 MobileOne with SE and yolov6n_v3 at 128 x 128 (random weights, 2 calibration images). Each file
 is loaded with ``SessionOptions.optimized_model_filepath`` set and the optimized graph's op types
 are counted: no quantized conv may stay a float ``Conv`` / ``FusedConv`` except the ones the
@@ -30,6 +30,7 @@ from cfws_jax.ptq import get_preset, quantize, quantized_apply_fn  # noqa: E402
 from conftest import numpy_init, shared_file  # noqa: E402
 
 ORT = get_preset("cfws_minmax_ort")
+ORT_SEQ = ORT.replace(calib_order="sequential")  # small random models: layer-by-layer jits compile faster
 CIFAR_IMAGES = 1000  # class-balanced CIFAR-10 test images (100 per class)
 AGREEMENT = 0.995
 
@@ -76,7 +77,7 @@ def cifar():
         pytest.skip(f"{path} not found")
     arch, variables, _ = load_shipped_model("repvgg_a0_cifar")
     calib, _ = open_source(str(path), split="train").load(np.arange(0, 50000, 50000 // 16))
-    qm = quantize(arch, variables, [calib], ORT, progress=False)
+    qm = quantize(arch, variables, [calib], ORT_SEQ, progress=False)
     xs, ys = zip(*open_source(str(path), split="test").iter_batches(500, limit=CIFAR_IMAGES, subset="balanced"))
     return qm, np.concatenate(xs), np.concatenate(ys)
 
@@ -157,7 +158,7 @@ def _small_mobileone():
     v = numpy_init(create_model(cfg), (1, 16, 16, 3), seed=1)
     x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype(np.float32)
     deploy = create_model(cfg, deploy=True)
-    return deploy, quantize(deploy, fuse(cfg, v), [x[:4]], ORT, progress=False), x, "logits"
+    return deploy, quantize(deploy, fuse(cfg, v), [x[:4]], ORT_SEQ, progress=False), x, "logits"
 
 
 def _yolov6n():
@@ -166,7 +167,7 @@ def _yolov6n():
     cfg = dataclasses.replace(get_config("yolov6n_v3"), num_classes=4)
     model = create_model(cfg, deploy=True)
     x = np.random.default_rng(1).uniform(0, 1, (3, 128, 128, 3)).astype(np.float32)
-    return model, quantize(model, random_deploy_variables(model), [x[:2]], ORT, progress=False), x, "outputs"
+    return model, quantize(model, random_deploy_variables(model), [x[:2]], ORT_SEQ, progress=False), x, "outputs"
 
 
 @pytest.mark.parametrize("build", [_small_mobileone, _yolov6n], ids=["mobileone_se", "yolov6n_v3"])

@@ -258,8 +258,8 @@ def _emit_layer(g: _Graph, x: str, info: LayerInfo, lp, q: Mapping[str, np.ndarr
 
     ``lp``: its LayerPlan (None: float export); ``q``: its stored arrays (codes, scales);
     ``w``: float ``{"kernel", "bias"?}`` (the dequantized or float weights). Target
-    ``onnxruntime``: a quantized conv that reads int8 codes is emitted by
-    :func:`cfws_jax.export.ort_conv.integer_conv` instead."""
+    ``onnxruntime``: the same QDQ layout with uint8 codes and int32 biases
+    (:mod:`cfws_jax.export.ort_conv`)."""
     base = info.name
     quantized = lp is not None
     if quantized and lp.in_point is not None:
@@ -267,14 +267,7 @@ def _emit_layer(g: _Graph, x: str, info: LayerInfo, lp, q: Mapping[str, np.ndarr
     scheme = lp.scheme if quantized else "float"
     if quantized and lp.coarse_point is not None:  # cfws_branch_quant: both branches quantized, then added
         return _output(g, _branches(g, x, info, lp, q, w, amax), info, lp, amax)
-    y = None
-    if g.target == "onnxruntime" and scheme != "float" and info.kind == "conv" and x in g.codes:
-        from cfws_jax.export.ort_conv import integer_conv
-
-        y = integer_conv(g, g.codes[x], x, info, lp, q, w)
-    if y is None:
-        y = _linear(g, x, info, scheme, q, w)
-    return _output(g, y, info, lp, amax)
+    return _output(g, _linear(g, x, info, scheme, q, w), info, lp, amax)
 
 
 def _branches(g: _Graph, x: str, info: LayerInfo, lp, q, w, amax) -> str:
