@@ -207,17 +207,18 @@ def fake_quant(x, scale, zero_point=0, spec: QuantSpec = QuantSpec()):
     return y.astype(x.dtype)
 
 
-def fake_quant_symmetric(x, amax, qmax, rounding: Rounding = "half_even"):
-    """Per-tensor symmetric fake-quant with codes in ``[-qmax, qmax]``, where ``qmax`` may be a
-    traced value (one compiled program serves several bit-widths). ``amax <= ZERO_AMAX`` gives
-    scale 1. Same result as :func:`fake_quant` with a signed narrow spec of ``qmax``; for
+def fake_quant_symmetric(x, amax, qmax, rounding: Rounding = "half_even", full_range: bool = False):
+    """Per-tensor symmetric fake-quant with codes in ``[-qmax, qmax]`` (``full_range``:
+    ``[-qmax - 1, qmax]``, the full two's-complement range of ONNX QuantizeLinear), where ``qmax``
+    may be a traced value (one compiled program serves several bit-widths). ``amax <= ZERO_AMAX``
+    gives scale 1. Same result as :func:`fake_quant` with a signed narrow spec of ``qmax``; for
     non-negative ``x`` also the same as an unsigned spec with that ``qmax``."""
     x = jnp.asarray(x)
     amax = jnp.asarray(amax, jnp.float32)
     qmax = jnp.asarray(qmax, jnp.float32)
     s = jnp.where(amax > ZERO_AMAX, _div(amax, qmax), jnp.ones_like(amax))
     t = round_values(_div(x.astype(jnp.float32), s), rounding)
-    return (jnp.clip(t, -qmax, qmax) * s).astype(x.dtype)
+    return (jnp.clip(t, -qmax - (1 if full_range else 0), qmax) * s).astype(x.dtype)
 
 
 def calibrate_minmax(x, spec: QuantSpec = QuantSpec()):

@@ -275,7 +275,10 @@ FIELD_CASES = {
 }
 
 
-@pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p != "cfws_kl_reponly"))  # alias of only_rep_kl
+# cfws_kl_reponly: an alias of only_rep_kl; the *_ort presets (CFWS branch points, int32-grid
+# bias) are not modelled by this reference: tests/test_export_onnx_ort.py checks them against
+# onnxruntime's integer kernels
+@pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p != "cfws_kl_reponly" and not p.endswith("_ort")))
 def test_preset_matches_independent_reference(preset):
     # presets that refine the weights after calibration (bias correction, learned rounding:
     # tests/test_reconstruct.py) are checked here up to that step: the rest of their wiring;

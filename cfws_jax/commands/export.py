@@ -1,11 +1,15 @@
 """``cfws-jax export``: write a quantized (QDQ) or float classifier / YOLOv6 detector as an ONNX file.
 
-    cfws-jax export --quantized QDIR --out model.onnx [--opset 17] [--float] [--image-size N] [--overwrite]
+    cfws-jax export --quantized QDIR --out model.onnx [--target tensorrt|onnxruntime] [--opset 17] [--float]
+        [--image-size N] [--overwrite]
     cfws-jax export --params DIR --arch ARCH --out model.onnx [--image-size N] [--opset 17] [--overwrite]
 
 ``--quantized``: QuantizeLinear / DequantizeLinear at every activation point and on every weight
 (int8 weight initializers, per-channel scales on axis 0), CFWS layers as centre 1x1 + fine k x k
-convs added; ``--float`` writes the dequantized float weights without Q/DQ instead. ``--params``
+convs added (``--target tensorrt``, the default: explicit QDQ around float convs, for TensorRT);
+``--target onnxruntime`` lays the graph out for onnxruntime's CPU integer kernels (every quantized
+conv a QLinearConv, CFWS sums QLinearAdd; needs a model quantized with a ``*_ort`` preset, e.g.
+``cfws-jax ptq --preset cfws_kl_ort``; :mod:`cfws_jax.export.ort_conv`); ``--float`` writes the dequantized float weights without Q/DQ instead. ``--params``
 (a folder cfws-jax convert wrote, or ``shipped:NAME``) always writes a float model. Input
 ``input`` float32 NCHW ``[batch, 3, H, W]`` (dynamic batch, H = W = ``--image-size``: default the
 size the quantized model records, else 32 for ``*_cifar``, 640 for YOLOv6, 224), normalized as
@@ -27,6 +31,9 @@ def register(sub) -> None:
                      "(writes a float model)")
     p.add_argument("--arch", default=None, help="architecture (default: the one the folder records)")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="output .onnx file")
+    p.add_argument("--target", choices=("tensorrt", "onnxruntime"), default="tensorrt",
+                   help="with --quantized: QDQ layout for TensorRT (default) or for onnxruntime's CPU integer "
+                   "kernels (needs a model quantized with a *_ort preset, e.g. --preset cfws_kl_ort)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, at least 13)")
     p.add_argument("--float", dest="float_export", action="store_true",
                    help="with --quantized: export the dequantized weights as a float model without Q/DQ")
@@ -59,6 +66,8 @@ def run(args) -> int:
     out = check_output_file(args.out, overwrite=args.overwrite, flag="--out", suffixes=(".onnx",))
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
+    if args.target != "tensorrt" and (args.params or args.float_export):
+        raise ValueError("--target onnxruntime applies to INT8 exports (--quantized without --float)")
     if os.path.exists(out):  # --overwrite given (else check_output_file refused)
         _check_ours(out)
     from cfws_jax.export import float_onnx, export_onnx
@@ -67,8 +76,9 @@ def run(args) -> int:
         from cfws_jax.ptq import load_quantized
 
         qm = load_quantized(args.quantized, arch=args.arch)
-        model = export_onnx(qm, float_export=args.float_export, opset=args.opset, image_size=args.image_size)
-        what = f"{qm.arch} ({'float, dequantized weights' if args.float_export else 'INT8 QDQ'})"
+        model = export_onnx(qm, float_export=args.float_export, opset=args.opset, image_size=args.image_size,
+                            target=args.target)
+        what = f"{qm.arch} ({'float, dequantized weights' if args.float_export else 'INT8 QDQ, ' + args.target})"
     else:
         from cfws_jax.assets import load_params
 

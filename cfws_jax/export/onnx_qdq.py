@@ -58,7 +58,14 @@ Quantized layers (per ``Plan``):
 
 Known difference from the simulation: ONNX ``QuantizeLinear`` has no narrow-range option, so at
 signed points a value below ``-127.5 * scale`` gets code -128 where the simulation clamps to
--127 (ReLU-fused points are non-negative and unaffected). Only 8-bit activations (and weights
+-127 (ReLU-fused points are non-negative and unaffected; ``act_full_range`` models clamp at -128
+in the simulation too).
+
+Targets: ``tensorrt`` (default) as above; ``onnxruntime`` (:mod:`cfws_jax.export.ort_conv`, models
+of the ``*_ort`` presets): uint8 activations (zero point 128 at signed points), int32 biases on
+the accumulator grid, each CFWS layer as two requantized convs whose sum is a ``DQ , DQ -> Add ->
+[Relu] -> Q`` (the ``cfws_branch_quant`` points, emitted for either target), so that
+onnxruntime's CPU provider fuses every quantized conv into ``QLinearConv``. Only 8-bit activations (and weights
 of at most 8 bits, or 16 bits with opset >= 21) are exported.
 
 YOLOv6 Q/DQ placement (the plan of :mod:`cfws_jax.ptq.graph`): the network input and every
@@ -71,7 +78,7 @@ weights and float outputs, and the decode runs in float.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -134,8 +141,10 @@ def input_normalization(arch: str):
 class _Graph:
     """ONNX nodes + initializers with unique names."""
 
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, target: str = "tensorrt"):
         self.opset = opset
+        self.target = target
+        self.codes: dict = {}  # DequantizeLinear output -> its Codes
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
@@ -165,14 +174,36 @@ def _point_scale(amax: float, qmax: int) -> np.float32:
 
 
 def _qdq(g: _Graph, x: str, point, amax: float, base: str) -> str:
-    """Per-tensor QuantizeLinear -> DequantizeLinear of ``x`` at one plan point."""
+    """Per-tensor QuantizeLinear -> DequantizeLinear of ``x`` at one plan point: int8, zero point
+    0, scale ``amax / 127``; unsigned points uint8, zero point 0, scale ``amax / 255``. Target
+    ``onnxruntime``: signed points as uint8 with zero point 128 (the same grid, -128..127), so
+    every activation is uint8 (onnxruntime's fast u8 x s8 kernels; it left s8 x s8 convs of
+    3-channel inputs in float). The codes are recorded in ``g.codes`` (DequantizeLinear output ->
+    :class:`Codes`)."""
     if point.bits != 8:
         raise ValueError(f"point {point.name}: only 8-bit activations can be exported to ONNX QDQ, got {point.bits} bits")
     qmax = 255 if point.unsigned else 127
-    scale = g.const(_point_scale(amax, qmax), base + ".scale")
-    zp = g.const(np.zeros((), np.uint8 if point.unsigned else np.int8), base + ".zero_point")
+    sv = _point_scale(amax, qmax)
+    scale = g.const(sv, base + ".scale")
+    if g.target == "onnxruntime":
+        zpv = np.uint8(0 if point.unsigned else 128)
+    else:
+        zpv = np.zeros((), np.uint8 if point.unsigned else np.int8)
+    zp = g.const(zpv, base + ".zero_point")
     q = g.op("QuantizeLinear", [x, scale, zp], base + ".q")
-    return g.op("DequantizeLinear", [q, scale, zp], base + ".dq")
+    dq = g.op("DequantizeLinear", [q, scale, zp], base + ".dq")
+    g.codes[dq] = Codes(q, scale, zp, float(sv))
+    return dq
+
+
+class Codes(NamedTuple):
+    """8-bit codes of a quantized tensor: names of the codes / scale / zero point tensors, and the
+    scale's value."""
+
+    q: str
+    scale: str
+    zp: str
+    scale_value: float
 
 
 def _weight_dq(g: _Graph, codes: np.ndarray, scale: np.ndarray, base: str) -> str:
@@ -204,10 +235,11 @@ def _activation(g: _Graph, y: str, act: str | None, base: str) -> str:
     raise ValueError(f"layer {base}: activation {act!r} cannot be exported")
 
 
-def _centre_input(g: _Graph, x: str, info: LayerInfo, base: str) -> str:
-    """The input of the centre 1x1 conv: ``x`` cropped (``pad < k//2``) or zero-padded
-    (``pad > k//2``) by ``d = k//2 - pad`` on each side, so the 1x1 conv at the same stride
-    reads the pixel under the k x k kernel's centre tap."""
+def _centre_input(g: _Graph, x: str, info: LayerInfo, base: str, pad_value: str | None = None) -> str:
+    """The input of the centre 1x1 conv: ``x`` cropped (``pad < k//2``) or padded with zeros
+    (``pad_value``: the name of a scalar, e.g. a zero point, for int8 codes) (``pad > k//2``) by
+    ``d = k//2 - pad`` on each side, so the 1x1 conv at the same stride reads the pixel under the
+    k x k kernel's centre tap."""
     d = info.kernel_shape[0] // 2 - info.padding
     if d == 0:
         return x
@@ -217,7 +249,7 @@ def _centre_input(g: _Graph, x: str, info: LayerInfo, base: str) -> str:
         axes = g.const(np.array([2, 3], np.int64), base + ".crop_axes")
         return g.op("Slice", [x, starts, ends, axes], base + ".crop")
     pads = g.const(np.array([0, 0, -d, -d, 0, 0, -d, -d], np.int64), base + ".pads")
-    return g.op("Pad", [x, pads], base + ".pad")
+    return g.op("Pad", [x, pads] + ([pad_value] if pad_value else []), base + ".pad")
 
 
 def _emit_layer(g: _Graph, x: str, info: LayerInfo, lp, q: Mapping[str, np.ndarray] | None,
@@ -225,17 +257,63 @@ def _emit_layer(g: _Graph, x: str, info: LayerInfo, lp, q: Mapping[str, np.ndarr
     """One QConv / QDense as ONNX, mirroring ``make_forward``'s interceptor.
 
     ``lp``: its LayerPlan (None: float export); ``q``: its stored arrays (codes, scales);
-    ``w``: float ``{"kernel", "bias"?}`` (the dequantized or float weights)."""
+    ``w``: float ``{"kernel", "bias"?}`` (the dequantized or float weights). Target
+    ``onnxruntime``: the same QDQ layout with uint8 codes and int32 biases
+    (:mod:`cfws_jax.export.ort_conv`)."""
     base = info.name
     quantized = lp is not None
     if quantized and lp.in_point is not None:
         x = _qdq(g, x, lp.point_in, amax[lp.in_point], base + ".in")
     scheme = lp.scheme if quantized else "float"
+    if quantized and lp.coarse_point is not None:  # cfws_branch_quant: both branches quantized, then added
+        return _output(g, _branches(g, x, info, lp, q, w, amax), info, lp, amax)
+    return _output(g, _linear(g, x, info, scheme, q, w), info, lp, amax)
+
+
+def _branches(g: _Graph, x: str, info: LayerInfo, lp, q, w, amax) -> str:
+    """A CFWS layer with branch points (``cfws_branch_quant``, :func:`cfws_jax.ptq.runtime.layer_pre`):
+    ``QDQ(centre 1x1 conv) + QDQ(fine k x k conv + bias)``, both convs on DequantizeLinear'd int8
+    weights (and, target ``onnxruntime``, an int32 bias): onnxruntime fuses each conv into a
+    QLinearConv and the sum (with the ReLU before an unsigned point) into a QLinearAdd."""
+    from cfws_jax.export.ort_conv import centre_codes_input, int_bias
+
+    base = info.name
+    fine = _oihw(q["w_codes"])
+    inputs = [x, _weight_dq(g, fine, q["w_scale"], base)]
+    bias = w.get("bias")
+    if bias is not None:
+        if g.target == "onnxruntime" and x in g.codes:
+            inputs.append(int_bias(g, bias, g.codes[x].scale_value, q["w_scale"], fine.shape[0], base))
+        else:
+            inputs.append(g.const(np.asarray(bias, np.float32), base + ".bias"))
+    yf = g.op("Conv", inputs, base + ".conv", **conv_attrs(info))
+    cc = np.asarray(q["c_codes"])
+    if cc.ndim == 4:  # whole-kernel split: a second k x k conv
+        yc = g.op("Conv", [x, _weight_dq(g, _oihw(cc), q["c_scale"], base + ".coarse")], base + ".coarse_conv",
+                  **conv_attrs(info))
+    else:
+        xc = centre_codes_input(g, x, info, base) if x in g.codes else _centre_input(g, x, info, base)
+        yc = g.op("Conv", [xc, _weight_dq(g, centre_oihw(cc), q["c_scale"], base + ".centre")], base + ".centre_conv",
+                  **centre_attrs(info))
+    yc = _qdq(g, yc, lp.point_coarse, amax[lp.coarse_point], base + ".coarse_out")
+    yf = _qdq(g, yf, lp.point_fine, amax[lp.fine_point], base + ".fine_out")
+    return g.op("Add", [yc, yf], base + ".cfws_sum")
+
+
+def _linear(g: _Graph, x: str, info: LayerInfo, scheme: str, q, w) -> str:
+    """The layer's conv / Gemm on float ``x`` (NCHW / ``[batch, in]``) with DequantizeLinear'd
+    integer weights (float weights for ``scheme == "float"``), bias added (target ``onnxruntime``,
+    input codes: the int32 bias of ``int_bias``), no activation."""
+    base = info.name
     bias = w.get("bias")
     b = g.const(np.asarray(bias, np.float32), base + ".bias") if bias is not None else None
+    if b and g.target == "onnxruntime" and scheme != "float" and x in g.codes:  # int_bias
+        from cfws_jax.export.ort_conv import int_bias
+
+        scale = np.asarray(q["w_scale"], np.float32)
+        b = int_bias(g, bias, g.codes[x].scale_value, scale, np.shape(bias)[0], base)
     if info.kind == "conv":
-        attrs = dict(strides=[info.strides] * 2, pads=[info.padding] * 4, group=info.groups,
-                     kernel_shape=list(info.kernel_shape[:2]))
+        attrs = conv_attrs(info)
         if scheme == "float":
             kern = g.const(_oihw(np.asarray(w["kernel"], np.float32)), base + ".kernel")
         else:
@@ -247,23 +325,51 @@ def _emit_layer(g: _Graph, x: str, info: LayerInfo, lp, q: Mapping[str, np.ndarr
                 ck = _weight_dq(g, _oihw(cc), q["c_scale"], base + ".coarse")
                 yc = g.op("Conv", [x, ck], base + ".coarse_conv", **attrs)
             else:  # centre codes [I/g, O] -> a 1x1 conv [O, I/g, 1, 1]
-                ck = _weight_dq(g, np.ascontiguousarray(cc.T[:, :, None, None]), q["c_scale"], base + ".centre")
-                yc = g.op("Conv", [_centre_input(g, x, info, base), ck], base + ".centre_conv",
-                          strides=[info.strides] * 2, pads=[0, 0, 0, 0], group=info.groups, kernel_shape=[1, 1])
+                ck = _weight_dq(g, centre_oihw(cc), q["c_scale"], base + ".centre")
+                yc = g.op("Conv", [_centre_input(g, x, info, base), ck], base + ".centre_conv", **centre_attrs(info))
             y = g.op("Add", [yc, y], base + ".cfws_sum")
+        return y
+    if scheme == "float":
+        kern = g.const(np.ascontiguousarray(np.asarray(w["kernel"], np.float32).T), base + ".kernel")
     else:
-        if scheme == "float":
-            kern = g.const(np.ascontiguousarray(np.asarray(w["kernel"], np.float32).T), base + ".kernel")
-        else:
-            kern = _weight_dq(g, np.ascontiguousarray(np.asarray(q["w_codes"]).T), q["w_scale"], base)
-        y = g.op("Gemm", [x, kern] + ([b] if b else []), base + ".gemm", transB=1)
-    out_point = lp.out_point if quantized else None
+        kern = _weight_dq(g, np.ascontiguousarray(np.asarray(q["w_codes"]).T), q["w_scale"], base)
+    return g.op("Gemm", [x, kern] + ([b] if b else []), base + ".gemm", transB=1)
+
+
+def conv_attrs(info: LayerInfo) -> dict:
+    """ONNX Conv attributes of a conv layer (square stride / padding)."""
+    return dict(strides=[info.strides] * 2, pads=[info.padding] * 4, group=info.groups,
+                kernel_shape=list(info.kernel_shape[:2]))
+
+
+def centre_attrs(info: LayerInfo) -> dict:
+    """Attributes of a CFWS layer's centre 1x1 conv (same stride and groups, no padding)."""
+    return dict(strides=[info.strides] * 2, pads=[0, 0, 0, 0], group=info.groups, kernel_shape=[1, 1])
+
+
+def centre_oihw(c_codes) -> np.ndarray:
+    """Centre codes ``[I/g, O]`` -> a 1x1 OIHW kernel ``[O, I/g, 1, 1]``."""
+    return np.ascontiguousarray(np.asarray(c_codes).T[:, :, None, None])
+
+
+def _output(g: _Graph, y: str, info: LayerInfo, lp, amax) -> str:
+    """Activation and ``:out`` point of a layer output ``y`` (before or after the activation, as
+    the plan says). Target ``onnxruntime``: a ReLU after a before-activation point is followed by
+    a Q / DQ on the same grid (exact: ReLU keeps grid values), so the next conv reads codes."""
+    base = info.name
+    out_point = lp.out_point if lp is not None else None
     if out_point is not None and lp.point_out.before_act:
-        y = _activation(g, _qdq(g, y, lp.point_out, amax[out_point], base + ".out"), info.act, base)
-    else:
-        y = _activation(g, y, info.act, base)
-        if out_point is not None:
-            y = _qdq(g, y, lp.point_out, amax[out_point], base + ".out")
+        yq = _qdq(g, y, lp.point_out, amax[out_point], base + ".out")
+        y = _activation(g, yq, info.act, base)
+        if g.target == "onnxruntime" and info.act == "relu":
+            c = g.codes[yq]
+            qq = g.op("QuantizeLinear", [y, c.scale, c.zp], base + ".relu_q")
+            y = g.op("DequantizeLinear", [qq, c.scale, c.zp], base + ".relu_dq")
+            g.codes[y] = c._replace(q=qq)
+        return y
+    y = _activation(g, y, info.act, base)
+    if out_point is not None:
+        y = _qdq(g, y, lp.point_out, amax[out_point], base + ".out")
     return y
 
 
@@ -274,6 +380,9 @@ class _LayerPlan:
         self.scheme, self.in_point, self.out_point = lp.scheme, lp.in_point, lp.out_point
         self.point_in = points[lp.in_point] if lp.in_point is not None else None
         self.point_out = points[lp.out_point] if lp.out_point is not None else None
+        self.coarse_point, self.fine_point = lp.coarse_point, lp.fine_point
+        self.point_coarse = points[lp.coarse_point] if lp.coarse_point is not None else None
+        self.point_fine = points[lp.fine_point] if lp.fine_point is not None else None
 
 
 # ---------------------------------------------------------------------------- jaxpr translation
@@ -637,7 +746,8 @@ def _is_detector(model: nn.Module) -> bool:
 
 
 def _build(model: nn.Module, infos: list[LayerInfo], layer_fn, input_shape, opset: int, doc: str,
-           meta: Mapping[str, str], graph_name: str, params: Mapping[str, Any] | None = None):
+           meta: Mapping[str, str], graph_name: str, params: Mapping[str, Any] | None = None,
+           target: str = "tensorrt"):
     onnx = _onnx()
     from onnx import TensorProto, helper
 
@@ -646,7 +756,7 @@ def _build(model: nn.Module, infos: list[LayerInfo], layer_fn, input_shape, opse
     out_name = "outputs" if _is_detector(model) else "logits"
     by_name = {i.name: i for i in infos}
     closed, batch = _trace(model, by_name, input_shape, params)
-    g = _Graph(opset)
+    g = _Graph(opset, target)
     tr = _Translator(g, by_name, lambda name, x: layer_fn(g, by_name[name], x), batch, "input")
     _, h, w, c = input_shape
     outs = tr.run(closed.jaxpr, closed.consts, [_Val("input", NHWC_TO_NCHW, (batch, h, w, c))])
@@ -721,15 +831,42 @@ def _check_size(image_size) -> int | None:
     return int(image_size)
 
 
+TARGETS = ("tensorrt", "onnxruntime")
+
+
+def check_target(qm, target: str) -> None:
+    """ValueError (one line) unless ``qm`` can be exported for ``target``: ``onnxruntime`` needs
+    unsigned ReLU-fused points (``act_unsigned``: uint8 with zero point 0, so the ReLU folds into
+    the integer conv) and CFWS branch points
+    (``cfws_branch_quant``: each CFWS conv requantized, QLinearConv + QLinearAdd) -- the
+    ``cfws_kl_ort`` / ``cfws_minmax_ort`` presets."""
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if target != "onnxruntime":
+        return
+    signed_relu = [p.name for p in qm.plan.points if p.mode == "relu" and not p.unsigned]
+    joint = [lp.info.name for lp in qm.plan.layers if lp.scheme == "cfws" and lp.coarse_point is None]
+    if signed_relu or joint:
+        what = (f"point {signed_relu[0]} is a signed ReLU-fused point" if signed_relu
+                else f"CFWS layer {joint[0]} has no branch points")
+        raise ValueError(f"--target onnxruntime needs a model quantized for it (cfws-jax ptq --preset cfws_kl_ort: "
+                         f"unsigned ReLU-fused points, CFWS branches requantized); {what}; re-quantize it or "
+                         "use --target tensorrt")
+
+
 def export_onnx(qm, model: nn.Module | None = None, *, float_export: bool = False, opset: int = DEFAULT_OPSET,
-                image_size: int | None = None):
+                image_size: int | None = None, target: str = "tensorrt"):
     """ONNX ``ModelProto`` of a QuantizedModel: QDQ (default) or, with ``float_export``, its
     dequantized float weights without Q/DQ. ``image_size``: square input size of the graph
     (default: the input size the model records, e.g. its calibration size; YOLOv6: 640 when
-    none is recorded). Checked with ``onnx.checker`` (full check)."""
+    none is recorded). ``target``: ``"tensorrt"`` (explicit QDQ around float convs) or
+    ``"onnxruntime"`` (integer convs for the CPU execution provider, :mod:`cfws_jax.export.ort_conv`;
+    needs a ``*_ort`` preset's model, :func:`check_target`). Checked with ``onnx.checker`` (full check)."""
     from cfws_jax.ptq.model import model_for
     from cfws_jax.ptq.weights import dequantize_layer
 
+    if not float_export:
+        check_target(qm, target)
     model = model_for(qm, model)
     detector = _is_detector(model)
     arch = qm.arch or "model"
@@ -760,9 +897,11 @@ def export_onnx(qm, model: nn.Module | None = None, *, float_export: bool = Fals
         return _emit_layer(g, x, info, plans[info.name], stored[info.name], w, amax)
 
     kind = "float, dequantized weights" if float_export else "INT8 QDQ, " + ("CFWS" if qm.config.cfws else "plain")
+    if not float_export and target == "onnxruntime":
+        kind += ", onnxruntime integer convs"
     doc, meta = _doc(arch, kind, input_shape, detector, _strides(model))
     return _build(model, infos, layer_fn, input_shape, opset, doc, meta, f"{arch}_{'float' if float_export else 'qdq'}",
-                  getattr(qm, "extra_params", None))
+                  getattr(qm, "extra_params", None), target=target if not float_export else "tensorrt")
 
 
 def float_onnx(arch, variables: Mapping[str, Any], *, image_size: int | None = None,

@@ -210,10 +210,10 @@ def _hist_fn(state, t, mask, *, relu):
     return calib.update(state, _stat(t, relu), mask)
 
 
-@functools.partial(jax.jit, static_argnames=("rounding",))
-def _fq_fn(t, amax, qmax, *, rounding):
+@functools.partial(jax.jit, static_argnames=("rounding", "full_range"))
+def _fq_fn(t, amax, qmax, *, rounding, full_range=False):
     TRACE_COUNTS["fq"] += 1
-    return fake_quant_symmetric(t, amax, qmax, rounding)
+    return fake_quant_symmetric(t, amax, qmax, rounding, full_range)
 
 
 def _geometry(info: LayerInfo) -> LayerInfo:
@@ -238,7 +238,12 @@ def apply_layer(lp, plan: Plan, geom: LayerInfo, w, x, point=None):
         x = point(lp.in_point, x)
     out = lp.out_point if point is not None else None
     pre = out is not None and plan.points[out].before_act
-    y = _layer_fn(x, w["kernel"], w.get("bias"), info=geom, act=None if pre else lp.info.act)
+    if point is not None and lp.coarse_point is not None:  # cfws_branch_quant (runtime.layer_pre)
+        y = point(lp.coarse_point, _layer_fn(x, w["coarse_kernel"], None, info=geom, act=None))
+        y = y + point(lp.fine_point, _layer_fn(x, w["fine_kernel"], w.get("bias"), info=geom, act=None))
+        y = y if pre else _act_fn(y, act=lp.info.act)
+    else:
+        y = _layer_fn(x, w["kernel"], w.get("bias"), info=geom, act=None if pre else lp.info.act)
     if out is not None:
         y = point(out, y)
         if pre:
@@ -364,7 +369,8 @@ def calibrate_sequential(model, plan: Plan, weights, batches, config: QuantConfi
         slots[b] = t
         current[0] = i
         barrier.wait()
-        q = _fq_fn(t, jnp.asarray(amax[i]), qmax[i], rounding=plan.points[i].rounding)
+        q = _fq_fn(t, jnp.asarray(amax[i]), qmax[i], rounding=plan.points[i].rounding,
+                   full_range=plan.points[i].full_range)
         if i == P - 1:
             raise _Done
         return q

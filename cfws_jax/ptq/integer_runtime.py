@@ -142,6 +142,9 @@ def check_integer_config(qm) -> None:
     if bad:
         raise ValueError(f"integer execution needs weights of at most 8 bits; layer {bad[0]} has "
                          f"{qm.plan.layer(bad[0]).w_bits}-bit weights (int32 accumulators would overflow)")
+    if any(lp.coarse_point is not None for lp in qm.plan.layers) or any(p.full_range for p in qm.plan.points):
+        raise ValueError("integer execution does not model cfws_branch_quant (CFWS branches requantized, the "
+                         "*_ort presets) yet; evaluate this model with the fake-quant simulation or its ONNX export")
     wide = [p.name for p in qm.plan.points if p.bits > 8]
     if wide:
         raise ValueError(f"integer execution needs activations of at most 8 bits; point {wide[0]} has more")

@@ -25,7 +25,7 @@ from cfws_jax.ptq.calibrate import calibrate_parallel, calibrate_sequential, reu
 from cfws_jax.ptq.config import QuantConfig
 from cfws_jax.ptq.graph import discover_layers, non_layer_params
 from cfws_jax.ptq.runtime import Plan, build_plan, forward_key, make_forward
-from cfws_jax.ptq.weights import dequantize_layer, quantize_layer
+from cfws_jax.ptq.weights import dequantize_layer, quantize_layer, split_kernels
 
 FORMAT = "cfws_jax.quantized_model/1"
 
@@ -53,7 +53,8 @@ class QuantizedModel:
     def dequantized_weights(self, as_jax: bool = False) -> dict[str, dict[str, Any]]:
         """``{layer: {"kernel", "bias"}}`` float32, rebuilt from the integer codes (NumPy, or
         device arrays with ``as_jax`` for the forward pass)."""
-        out = {name: dequantize_layer({k: np.asarray(v) for k, v in q.items()}) for name, q in self.layers.items()}
+        split = self.config.cfws_branch_quant or self.config.int_bias
+        out = {name: dequantize_layer({k: np.asarray(v) for k, v in q.items()}, split) for name, q in self.layers.items()}
         if as_jax:
             out = {n: {k: jnp.asarray(v) for k, v in w.items()} for n, w in out.items()}
         return out
@@ -143,7 +144,11 @@ def quantize(arch_or_model, variables: Mapping, calibration_batches: Sequence, c
         p = layer_params(params, lp.info.name)
         float_w[lp.info.name] = {k: jnp.asarray(v, jnp.float32) for k, v in p.items() if k in ("kernel", "bias")}
         q_layers[lp.info.name] = quantize_layer(p["kernel"], p.get("bias"), lp.scheme, lp.w_bits, config)
-    quant_w = {n: {k: jnp.asarray(v) for k, v in dequantize_layer(q).items()} for n, q in q_layers.items()}
+    split = config.cfws_branch_quant or config.int_bias
+    quant_w = {n: {k: jnp.asarray(v) for k, v in dequantize_layer(q, split).items()} for n, q in q_layers.items()}
+    if split:  # the float network's split: the coarse codes and the float rest
+        for n, q in q_layers.items():
+            float_w[n].update({k: jnp.asarray(v) for k, v in split_kernels(q, float_w[n]["kernel"]).items()})
 
     extra = device_params(non_layer_params(params, plan.names))
     known = None

@@ -35,7 +35,7 @@ from cfws_jax.cfws import is_splittable
 from cfws_jax.models.layers import QConv, QDense, activation, conv2d, conv2d_unrolled
 from cfws_jax.ptq.config import QuantConfig
 from cfws_jax.ptq.graph import LayerInfo, layer_name
-from cfws_jax.quant import QuantSpec, fake_quant_symmetric
+from cfws_jax.quant import ZERO_AMAX, QuantSpec, fake_quant_symmetric
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Point:
     unsigned: bool
     before_act: bool = False  # an output point placed before the layer's activation
     rounding: str = "half_even"
+    full_range: bool = False  # signed point whose lowest code is -2^(b-1) (act_full_range)
 
     @property
     def spec(self) -> QuantSpec:
@@ -63,6 +64,8 @@ class LayerPlan:
     w_bits: int
     in_point: int | None
     out_point: int | None
+    coarse_point: int | None = None  # cfws_branch_quant: the coarse / fine conv output points
+    fine_point: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,17 +115,24 @@ def build_plan(layers: list[LayerInfo], config: QuantConfig) -> Plan:
         if not upstream_quantized and not fully_float and (i > 0 or config.quantize_input):
             method = config.input_method if info.input_from is None and i == 0 else config.method_for(False)
             points.append(Point(f"{info.name}:in", info.name, "abs", method, config.a_bits, False,
-                                rounding=config.rounding))
+                                rounding=config.rounding, full_range=config.act_full_range))
             in_point = len(points) - 1
+        branch = [None, None]
+        if scheme == "cfws" and config.cfws_branch_quant:
+            for j, part in enumerate(("coarse", "fine")):
+                points.append(Point(f"{info.name}:{part}", info.name, "abs", "max", config.a_bits, False,
+                                    rounding=config.rounding, full_range=config.act_full_range))
+                branch[j] = len(points) - 1
         if not is_last and not fully_float:
             fused = info.act == "relu" and config.relu_fusion
             points.append(Point(
                 f"{info.name}:out", info.name, "relu" if fused else "abs", config.method_for(info.rep),
                 config.a_bits, bool(config.act_unsigned and fused),
-                before_act=info.act == "relu" and not fused, rounding=config.rounding))
+                before_act=info.act == "relu" and not fused, rounding=config.rounding,
+                full_range=config.act_full_range and not (config.act_unsigned and fused)))
             out_point = len(points) - 1
         has_out[info.name] = out_point is not None
-        plans.append(LayerPlan(info, scheme, w_bits, in_point, out_point))
+        plans.append(LayerPlan(info, scheme, w_bits, in_point, out_point, *branch))
     return Plan(tuple(plans), tuple(points))
 
 
@@ -134,6 +144,40 @@ def layer_linear(info: LayerInfo, x, kernel, bias, unrolled: bool = False):
         return conv(x, kernel, bias, info.strides, info.padding, info.groups)
     y = x @ kernel.astype(x.dtype)
     return y if bias is None else y + bias.astype(y.dtype)
+
+
+def layer_pre(lp: LayerPlan, w, x, point):
+    """Pre-activation output of one layer on (quantized) input ``x``: ``layer_linear`` with the
+    dequantized kernel, or, for a layer with CFWS branch points (``cfws_branch_quant``),
+    ``point(coarse, conv(x, coarse_kernel)) + point(fine, conv(x, fine_kernel) + b)``
+    (``w["coarse_kernel"]``: the coarse weights on the full k x k grid, zero off the centre)."""
+    if lp.coarse_point is None:
+        return layer_linear(lp.info, x, w["kernel"], w.get("bias"))
+    yc = point(lp.coarse_point, layer_linear(lp.info, x, w["coarse_kernel"], None))
+    return yc + point(lp.fine_point, layer_linear(lp.info, x, w["fine_kernel"], w.get("bias")))
+
+
+def input_points(plan: Plan) -> dict[str, int]:
+    """``{layer: index of the point its input codes come from}`` (its ``:in`` point, or the
+    producing layer's ``:out`` point) for the quantized layers whose input is quantized."""
+    by_name = {lp.info.name: lp for lp in plan.layers}
+    out = {}
+    for lp in plan.layers:
+        src = lp.in_point
+        if src is None and lp.info.input_from is not None:
+            src = by_name[lp.info.input_from].out_point
+        if src is not None and lp.scheme != "float":
+            out[lp.info.name] = src
+    return out
+
+
+def rounded_bias(bias, w_scale, amax, qmax):
+    """``bias`` on the accumulator grid ``s_x * w_scale[o]`` (``s_x = amax / qmax``, 1 for
+    ``amax <= ZERO_AMAX``), as an int32 bias (``int_bias``); float32 ``(O,)``."""
+    amax = jnp.asarray(amax, jnp.float32)
+    sx = jnp.where(amax > ZERO_AMAX, amax / jnp.asarray(qmax, jnp.float32), jnp.float32(1))
+    grid = sx * jnp.asarray(w_scale, jnp.float32)
+    return jnp.round(bias / grid) * grid
 
 
 def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, return_outputs: bool = False,
@@ -148,6 +192,7 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
     if collect not in (None, "stage", "all"):
         raise ValueError(f"collect must be None, 'stage' or 'all', got {collect!r}")
     by_name = {lp.info.name: lp for lp in plan.layers}
+    sources = input_points(plan)
 
     def forward(weights, amax, qmax, enabled, x, stage=None, stage_state=None, states=None, mask=None,
                 extra_params=None):
@@ -177,7 +222,7 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
             if collect == "all":
                 out["maxes"][i] = calib.max_abs(v, mask=mask)
                 out["states"][i] = calib.update(out["states"][i], v, mask)
-            q = fake_quant_symmetric(t, amax[i], qmax[i], p.rounding)
+            q = fake_quant_symmetric(t, amax[i], qmax[i], p.rounding, p.full_range)
             return jnp.where(enabled[i], q, t)
 
         def interceptor(next_fun, args, kwargs, context):
@@ -189,7 +234,10 @@ def make_forward(model: nn.Module, plan: Plan, collect: str | None = None, retur
             if lp.in_point is not None:
                 x = point(lp.in_point, x)
             w = weights[lp.info.name]
-            y = layer_linear(lp.info, x, w["kernel"], w.get("bias"))
+            src = sources.get(lp.info.name)
+            if "w_scale" in w and w.get("bias") is not None and src is not None:  # int_bias
+                w = dict(w, bias=rounded_bias(w["bias"], w["w_scale"], amax[src], qmax[src]))
+            y = layer_pre(lp, w, x, point)
             if lp.out_point is not None and plan.points[lp.out_point].before_act:
                 y = activation(point(lp.out_point, y), lp.info.act)
             else:

@@ -70,8 +70,29 @@ def _dq(codes, scale) -> np.ndarray:
     return codes.astype(np.float32) * np.asarray(scale, np.float32)
 
 
-def dequantize_layer(q: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stored arrays of one layer -> ``{"kernel", "bias"?}`` float32 for the forward pass."""
+def split_kernels(q: dict[str, np.ndarray], kernel=None) -> dict[str, np.ndarray]:
+    """``{"coarse_kernel", "fine_kernel"}`` HWIO float32 of a stored CFWS layer, both on the full
+    k x k grid (the centre codes at the centre tap, zeros elsewhere), for
+    :func:`cfws_jax.ptq.runtime.layer_pre`; ``kernel``: a float kernel to split instead of the fine
+    codes (fine = kernel - coarse, for calibration on the float network); ``{}`` if not CFWS."""
+    if "c_codes" not in q:
+        return {}
+    fine = _dq(q["w_codes"], q["w_scale"])
+    coarse = _dq(q["c_codes"], q["c_scale"])
+    if coarse.ndim != fine.ndim:  # centre extraction
+        full = np.zeros_like(fine)
+        c = fine.shape[0] // 2
+        full[c, c] = coarse
+        coarse = full
+    if kernel is not None:
+        fine = np.asarray(kernel, np.float32) - coarse
+    return {"coarse_kernel": coarse, "fine_kernel": fine}
+
+
+def dequantize_layer(q: dict[str, np.ndarray], split: bool = False) -> dict[str, np.ndarray]:
+    """Stored arrays of one layer -> ``{"kernel", "bias"?}`` float32 for the forward pass
+    (``split``: plus :func:`split_kernels` of a CFWS layer and the (fine) ``w_scale``, for
+    ``int_bias``)."""
     if "kernel" in q:
         kernel = np.asarray(q["kernel"], np.float32)
     else:
@@ -85,6 +106,10 @@ def dequantize_layer(q: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 kernel = kernel.copy()
                 kernel[c, c] = kernel[c, c] + coarse
     out = {"kernel": kernel}
+    if split:  # the onnxruntime layout's extras: the CFWS split and the accumulator grid of the bias
+        out.update(split_kernels(q))
+        if "w_scale" in q:
+            out["w_scale"] = np.asarray(q["w_scale"], np.float32)
     if "bias" in q:
         out["bias"] = np.asarray(q["bias"], np.float32)
     elif "b_codes" in q:
