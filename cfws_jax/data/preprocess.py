@@ -18,6 +18,7 @@ Resizing uses Pillow's bilinear filter, which low-pass filters when shrinking.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from typing import Literal
 
@@ -111,11 +112,11 @@ def load_image(path) -> "object":
     """Decode an image file to an RGB ``PIL.Image``; :class:`DataError` naming the file if it is
     unreadable, declares more than :data:`MAX_IMAGE_PIXELS` pixels, or (PNG) declares more pixel
     data than its compressed bytes can hold. Sizes are checked before decoding."""
-    import os
-
     Image = _pil()
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as fh:  # in memory: Pillow reads some declared chunk lengths at once, and a
+            data = io.BytesIO(fh.read())  # BytesIO bounds them by the bytes held (PNG IDAT: found by fuzz/)
+        with Image.open(data) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: image declares {w}x{h} = {w * h:,} pixels, above the limit of "
@@ -123,7 +124,7 @@ def load_image(path) -> "object":
             if img.format == "PNG":
                 bits = 1 if img.mode == "1" else 8 * len(img.getbands())
                 raw = h * (1 + (w * bits + 7) // 8)
-                size = os.path.getsize(path)
+                size = len(data.getbuffer())
                 if raw > _DEFLATE_MAX_RATIO * size + 65536:
                     raise DataError(f"{path}: PNG declares {w}x{h} pixels ({raw:,} bytes of pixel data) but the "
                                     f"file holds only {size:,} bytes; truncated or forged, not decoded")
