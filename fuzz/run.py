@@ -5,13 +5,17 @@ exec/s, coverage and findings per target::
     python fuzz/run.py --seconds 60                   # every target, 60 s each
     python fuzz/run.py --seconds 600 --target torch_zip --engine atheris
     python fuzz/run.py --seconds 2 --engine hypothesis  # no native code needed (the CI smoke run)
+    python fuzz/run.py --target npz_split --replay FILE...  # re-run inputs under the same limits
+    python fuzz/run.py --keep                         # copy the grown corpora into fuzz/kept/
 
 Engines: ``atheris`` (libFuzzer, coverage-guided; ``pip install atheris``; default when it
 imports) and ``hypothesis`` (mutations of the seed files drawn by Hypothesis, which also
 minimizes a failing input; coverage is not measured). Each campaign starts from the committed
-seeds ``fuzz/corpus/<target>/`` and grows a working corpus in ``--workdir`` (never the repo).
+seeds ``fuzz/corpus/<target>/``, the kept corpus ``fuzz/kept/<target>/`` and the past findings
+``fuzz/regressions/<target>/``, and grows a working corpus in ``--workdir`` (never the repo).
 A finding (another exception type, a bad refusal message, an allocation past the limit, an
-input running past ``--timeout``, a crash) is saved, minimized, under ``--findings``.
+input running past ``--timeout``, a crash) is saved under ``--findings``; a campaign restarts
+after each one until its time is up.
 """
 
 from __future__ import annotations
@@ -45,11 +49,12 @@ def _limit_memory(extra_mb: int) -> int:
 
 
 REGRESSIONS = ROOT / "fuzz" / "regressions"
+KEPT = ROOT / "fuzz" / "kept"  # small inputs past atheris campaigns added for new coverage (--keep)
 
 
 def _seed_dirs(name: str) -> list[Path]:
-    """The committed seeds, then the minimized past findings (replayed first by every campaign)."""
-    return [d for d in (CORPUS / name, REGRESSIONS / name) if d.is_dir()]
+    """The committed seeds, the kept campaign corpus, and the minimized past findings."""
+    return [d for d in (CORPUS / name, KEPT / name, REGRESSIONS / name) if d.is_dir()]
 
 
 def _seeds(name: str) -> list[bytes]:
@@ -213,6 +218,12 @@ def _error_line(text: str) -> str:
     return lines[-1].strip()[:240] if lines else "process died"
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _child_env() -> dict:
     return dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                 PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -220,7 +231,7 @@ def _child_env() -> dict:
 
 def run_target(name: str, args) -> dict:
     """Fuzz one target for ``args.seconds`` (restarting after a finding) and summarise it."""
-    env = _child_env()
+    env, cpu0 = _child_env(), _children_cpu()
     start, summary = time.monotonic(), {"target": name, "engine": args.engine, "runs": 0, "cov": None,
                                         "ft": None, "findings": []}
     while True:
@@ -235,7 +246,7 @@ def run_target(name: str, args) -> dict:
                "--runs", str(max(1, args.runs - summary["runs"]) if args.runs else 0)]
         try:
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace",
-                                 timeout=left + args.timeout + 120)
+                                 timeout=left + args.timeout + 600)
         except subprocess.TimeoutExpired as e:
             summary["findings"].append(f"harness process hung past its budget ({e.timeout:.0f} s)")
             break
@@ -260,8 +271,28 @@ def run_target(name: str, args) -> dict:
         if not st["findings"]:
             break
     summary["seconds"] = round(time.monotonic() - start, 1)
+    summary["cpu_seconds"] = round(_children_cpu() - cpu0, 1)
     summary["exec_per_s"] = round(summary["runs"] / max(summary["seconds"], 1e-9), 1)
+    summary["exec_per_cpu_s"] = round(summary["runs"] / max(summary["cpu_seconds"], 1e-9), 1)
     return summary
+
+
+def keep_corpus(work: Path, kept: Path, budget: int, max_len: int = 8192) -> int:
+    """Replace ``kept`` by the smallest inputs of ``work`` (each at most ``max_len`` bytes) that
+    fit ``budget`` bytes; returns how many."""
+    files = sorted((p for p in work.iterdir() if p.is_file() and p.stat().st_size <= max_len),
+                   key=lambda p: (p.stat().st_size, p.name)) if work.is_dir() else []
+    if kept.is_dir():
+        for old in kept.iterdir():
+            old.unlink()
+    kept.mkdir(parents=True, exist_ok=True)
+    total = n = 0
+    for p in files:
+        if total + p.stat().st_size > budget:
+            break
+        (kept / p.name).write_bytes(p.read_bytes())
+        total, n = total + p.stat().st_size, n + 1
+    return n
 
 
 def _default_engine() -> str:
@@ -284,6 +315,9 @@ def main(argv=None) -> int:
     p.add_argument("--findings", default="/tmp/cfws_fuzz_findings", help="where failing inputs are written")
     p.add_argument("--stop-on-finding", action="store_true")
     p.add_argument("--json", help="also write the per-target summaries here")
+    p.add_argument("--keep", action="store_true", help="instead of fuzzing: copy each target's --workdir corpus "
+                   "(inputs that added coverage), smallest first, into fuzz/kept/<target>/ up to --keep-bytes")
+    p.add_argument("--keep-bytes", type=int, default=96 * 1024, help="size budget of one target's kept corpus")
     p.add_argument("--replay", nargs="+", help="run these input files once (with one --target), under the limits")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -303,15 +337,20 @@ def main(argv=None) -> int:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", args.target[0], "--timeout",
                str(args.timeout), "--memory-mb", str(args.memory_mb), "--replay", *args.replay]
         return subprocess.run(cmd, env=_child_env()).returncode
+    if args.keep:
+        for name in args.target or sorted(TARGETS):
+            print(f"{name:16s} kept {keep_corpus(Path(args.workdir) / name, KEPT / name, args.keep_bytes)} inputs")
+        return 0
     rows = []
-    print(f"{'target':16s} {'engine':10s} {'execs':>10s} {'exec/s':>8s} {'cov':>6s} {'ft':>6s}  findings", flush=True)
+    print(f"{'target':16s} {'engine':10s} {'execs':>10s} {'exec/s':>8s} {'cpu s':>7s} {'exec/cpu-s':>10s} "
+          f"{'cov':>6s} {'ft':>6s}  findings", flush=True)
     for name in args.target or sorted(TARGETS):
         s = run_target(name, args)
         rows.append(s)
         cov = "-" if s["cov"] is None else str(s["cov"])
         ft = "-" if s["ft"] is None else str(s["ft"])
-        print(f"{name:16s} {s['engine']:10s} {s['runs']:10d} {s['exec_per_s']:8.1f} {cov:>6s} {ft:>6s}  "
-              f"{len(s['findings'])}", flush=True)
+        print(f"{name:16s} {s['engine']:10s} {s['runs']:10d} {s['exec_per_s']:8.1f} {s['cpu_seconds']:7.1f} "
+              f"{s['exec_per_cpu_s']:10.1f} {cov:>6s} {ft:>6s}  {len(s['findings'])}", flush=True)
         for f in s["findings"]:
             print(f"    finding: {f}", flush=True)
     if args.json:
