@@ -2,7 +2,8 @@
 
 Valid files (``torch.save`` of the reader tests' tensors and containers, a tiny YOLOv6 release
 module tree, safetensors, ``.npz`` weights and CIFAR-style splits, small PNG / JPEG / GIF / BMP
-images, a COCO instances JSON) plus small hand-made hostile files. Deterministic; no shared data.
+images, a COCO instances JSON) plus small hand-made hostile files; no shared data. Names are stable;
+bytes can differ between runs (zip timestamps, legacy torch storage keys).
 Needs torch and the ``yolov6detect`` test peer::
 
     python fuzz/make_corpus.py            # rewrites fuzz/corpus/
@@ -10,7 +11,6 @@ Needs torch and the ``yolov6detect`` test peer::
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -192,10 +192,6 @@ BUILDERS = {f.__name__: f for f in (torch_zip, torch_legacy, yolov6_release, saf
                                     npz_split, image_folder, coco_json)}
 
 
-def seed_name(name: str, data: bytes) -> str:
-    return f"{name}-{hashlib.sha1(data).hexdigest()[:10]}"
-
-
 def main() -> int:
     from fuzz.targets import TARGETS
 
@@ -208,7 +204,7 @@ def main() -> int:
         for name, data in build().items():
             if len(data) > MAX_SEED_BYTES:
                 raise SystemExit(f"seed {target}/{name} is {len(data):,} bytes (> {MAX_SEED_BYTES:,})")
-            (folder / seed_name(name, data)).write_bytes(data)
+            (folder / name).write_bytes(data)
             total += len(data)
         print(f"{target:16s} {len(list(folder.iterdir())):3d} seeds")
     print(f"corpus: {total:,} bytes")
