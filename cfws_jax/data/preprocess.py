@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 from typing import Literal
 
 import numpy as np
@@ -108,15 +109,29 @@ before any pixel is decoded. Raise it for larger inputs: ``cfws_jax.data.preproc
 _DEFLATE_MAX_RATIO = 1100  # zlib cannot expand more than ~1032:1, so a PNG holds at least raw/1032 bytes
 
 
+class _BoundedReader(io.BufferedReader):
+    """A file whose ``read(n)`` asks for at most the bytes left: Pillow reads some declared chunk
+    lengths in one call (PNG IDAT), which would allocate the declared size (found by fuzz/)."""
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.size = os.fstat(raw.fileno()).st_size
+
+    def read(self, n=-1):
+        if n is not None and n > 0:
+            n = min(n, max(self.size - self.tell(), 0))
+            if n == 0:
+                return b""
+        return super().read(n)
+
+
 def load_image(path) -> "object":
     """Decode an image file to an RGB ``PIL.Image``; :class:`DataError` naming the file if it is
     unreadable, declares more than :data:`MAX_IMAGE_PIXELS` pixels, or (PNG) declares more pixel
     data than its compressed bytes can hold. Sizes are checked before decoding."""
     Image = _pil()
     try:
-        with open(path, "rb") as fh:  # in memory: Pillow reads some declared chunk lengths at once, and a
-            data = io.BytesIO(fh.read())  # BytesIO bounds them by the bytes held (PNG IDAT: found by fuzz/)
-        with Image.open(data) as img:
+        with _BoundedReader(io.FileIO(path)) as fh, Image.open(fh) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: image declares {w}x{h} = {w * h:,} pixels, above the limit of "
@@ -124,7 +139,7 @@ def load_image(path) -> "object":
             if img.format == "PNG":
                 bits = 1 if img.mode == "1" else 8 * len(img.getbands())
                 raw = h * (1 + (w * bits + 7) // 8)
-                size = len(data.getbuffer())
+                size = fh.size
                 if raw > _DEFLATE_MAX_RATIO * size + 65536:
                     raise DataError(f"{path}: PNG declares {w}x{h} pixels ({raw:,} bytes of pixel data) but the "
                                     f"file holds only {size:,} bytes; truncated or forged, not decoded")
