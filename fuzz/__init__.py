@@ -1,2 +1,2 @@
-"""Coverage-guided fuzzing of every reader a user's file reaches (see ``fuzz/README`` in README.md's
-safety section): :mod:`fuzz.targets` (harnesses), ``make_corpus.py`` (seeds), ``run.py`` (campaigns)."""
+"""Fuzzing of every reader a user's file reaches (README.md, safety section): :mod:`fuzz.targets`
+(the harnesses), ``make_corpus.py`` (seeds from the tests' builders), ``run.py`` (campaigns)."""
