@@ -205,9 +205,11 @@ def child_replay(args) -> None:
 def _parse_libfuzzer(text: str) -> dict:
     runs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", text)
     cov = re.findall(r"\bcov: (\d+) ft: (\d+)", text)
-    crashes = re.findall(r"Test unit written to (\S+)", text)
+    units = re.findall(r"Test unit written to (\S+)", text)
     return {"runs": int(runs[-1]) if runs else 0, "cov": int(cov[-1][0]) if cov else None,
-            "ft": int(cov[-1][1]) if cov else None, "artifacts": crashes}
+            "ft": int(cov[-1][1]) if cov else None,
+            "artifacts": [u for u in units if "-slow-unit-" not in u],  # crash-, timeout-, oom-
+            "slow_units": [u for u in units if "-slow-unit-" in u]}  # > 10 s wall (load): replay to judge
 
 
 def _error_line(text: str) -> str:
@@ -255,6 +257,7 @@ def run_target(name: str, args) -> dict:
             stats = _parse_libfuzzer(text)
             summary["runs"] += stats["runs"]
             summary["cov"], summary["ft"] = stats["cov"] or summary["cov"], stats["ft"] or summary["ft"]
+            summary["slow_units"] = summary.get("slow_units", []) + stats["slow_units"]
             if stats["artifacts"] or out.returncode != 0:
                 summary["findings"].append(f"{_error_line(text)} [{', '.join(stats['artifacts'])}]")
                 if not stats["artifacts"]:
@@ -353,6 +356,8 @@ def main(argv=None) -> int:
               f"{s['exec_per_cpu_s']:10.1f} {cov:>6s} {ft:>6s}  {len(s['findings'])}", flush=True)
         for f in s["findings"]:
             print(f"    finding: {f}", flush=True)
+        for u in s.get("slow_units", []):
+            print(f"    slow unit (not a finding unless --replay is slow too): {u}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if any(s["findings"] for s in rows) else 0

@@ -116,6 +116,14 @@ def test_mutate_is_deterministic_and_bounded():
     assert len(fuzz_run.mutate(seed, [("truncate", 0, b"")])) == 0
 
 
+def test_libfuzzer_output_parsing():
+    text = ("#4096\tpulse  cov: 9 ft: 12 corp: 3/3b\nSlow unit: 11 s:\nartifact_prefix='f/t-'; Test unit written "
+            "to f/t-slow-unit-ab\n==1== ERROR: libFuzzer: fuzz target exited\nartifact_prefix='f/t-'; Test unit "
+            "written to f/t-crash-cd\nstat::number_of_executed_units: 5000\n")
+    stats = fuzz_run._parse_libfuzzer(text)
+    assert stats == {"runs": 5000, "cov": 9, "ft": 12, "artifacts": ["f/t-crash-cd"], "slow_units": ["f/t-slow-unit-ab"]}
+
+
 def test_atheris_engine_runs(tmp_path):
     pytest.importorskip("atheris")
     out = _run("--engine", "atheris", "--seconds", "1", "--target", "coco_json", "--json", str(tmp_path / "a.json"),
