@@ -58,7 +58,8 @@ def _seed_dirs(name: str) -> list[Path]:
 
 
 def _seeds(name: str) -> list[bytes]:
-    return [p.read_bytes() for d in _seed_dirs(name) for p in sorted(d.iterdir()) if p.is_file()]
+    """Seeds and past findings for the Hypothesis engine (the kept corpus is atheris's)."""
+    return [p.read_bytes() for d in _seed_dirs(name) if d.parent != KEPT for p in sorted(d.iterdir()) if p.is_file()]
 
 
 # ----------------------------------------------------------------------------- child: atheris
@@ -78,6 +79,10 @@ def child_atheris(args) -> None:
 
     with atheris.instrument_imports(include=INSTRUMENTED):
         from fuzz.targets import TARGETS, run_one, scratch_dir
+        if args.child == "image_folder":  # the readers import Pillow lazily: load it and its plugins here
+            from PIL import Image
+
+            Image.init()
     for mod in INSTRUMENTED_STDLIB:  # already imported: instrument their functions in place
         _instrument_module(atheris, sys.modules[mod])
     target, workdir = TARGETS[args.child], scratch_dir()
