@@ -176,6 +176,9 @@ def transform_pil(img, image_size, protocol: Protocol = "resize_crop",
         new_w, new_h = short, int(short * h / w)
     else:
         new_w, new_h = int(short * w / h), short
+    if new_w * new_h > MAX_IMAGE_PIXELS:  # a 4 x 4 M pixel image would become 18 x 19 M (found by fuzz/)
+        raise DataError(f"image of {w}x{h} pixels would be resized to {new_w}x{new_h}, above the limit of "
+                        f"{MAX_IMAGE_PIXELS:,} pixels (cfws_jax.data.preprocess.MAX_IMAGE_PIXELS)")
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.BILINEAR)
     top = int(round((new_h - out_h) / 2.0))
