@@ -27,6 +27,7 @@ import collections
 import itertools
 import math
 import pickle
+import struct
 import types
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -503,6 +504,15 @@ class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
                 dispatch[key[0]](self)
         except pickle._Stop as stop:  # type: ignore[attr-defined]
             return stop.value
+
+    def load_bytearray8(self):
+        # pickle's own allocates the declared length before reading (found by fuzz/: 2**40 -> MemoryError)
+        (n,) = struct.unpack("<Q", self.read(8))
+        data = self.read(n)  # at most the bytes the pickle holds
+        if len(data) != n:
+            raise CheckpointError(f"BYTEARRAY8 declares {n:,} bytes but the pickle holds {len(data):,}")
+        self.append(bytearray(data))
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def load_mark(self):
         if len(self.metastack) >= MAX_NESTING:

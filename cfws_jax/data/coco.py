@@ -40,6 +40,11 @@ def _map(fn, items, num_workers: int) -> list:
     return [fn(i) for i in items]
 
 
+def _is_id(value) -> bool:
+    """A COCO id: an int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_instances(path) -> dict:
     """Parse and check a COCO ``instances`` JSON (DataError naming the file and key)."""
     path = Path(path)
@@ -54,6 +59,8 @@ def read_instances(path) -> dict:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer literal past Python's 4300-digit limit
+        raise DataError(f"{path}: not valid JSON ({str(e)[:120]})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
     for key in ("images", "annotations", "categories"):
@@ -73,16 +80,16 @@ def read_instances(path) -> dict:
         ids.add(img["id"])
     cats = set()
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+        if not isinstance(cat, dict) or not _is_id(cat.get("id")):
             raise DataError(f"{path}: categories[{i}] has no valid 'id'")
         cats.add(cat["id"])
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise DataError(f"{path}: annotations[{i}] is not an object")
-        if ann.get("image_id") not in ids:
+        if not _is_id(ann.get("image_id")) or ann["image_id"] not in ids:  # (a list id: found by fuzz/)
             raise DataError(f"{path}: annotations[{i}] refers to image id {ann.get('image_id')!r}, "
                             "not in 'images'")
-        if ann.get("category_id") not in cats:
+        if not _is_id(ann.get("category_id")) or ann["category_id"] not in cats:
             raise DataError(f"{path}: annotations[{i}] has category id {ann.get('category_id')!r}, "
                             "not in 'categories'")
         bbox = ann.get("bbox")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cfws_jax.data.errors import DataError
 from cfws_jax.data.preprocess import (
     IMAGE_EXTENSIONS, Normalization, check_protocol, image_hw, load_image, transform_pil,
 )
@@ -85,7 +86,11 @@ class FolderSource(ImageSource):
         self.num_workers = int(num_workers)
 
     def _decode(self, i: int) -> np.ndarray:
-        return transform_pil(load_image(self.paths[i]), self.image_size, self.protocol)
+        img = load_image(self.paths[i])
+        try:
+            return transform_pil(img, self.image_size, self.protocol)
+        except DataError as e:
+            raise DataError(f"{self.paths[i]}: {e}") from None
 
     def load(self, indices):
         idx = self._check_indices(indices)

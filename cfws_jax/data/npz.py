@@ -9,8 +9,11 @@ validation split: ``split="val"`` reads the ``test`` arrays. The arrays may be s
 
 from __future__ import annotations
 
+import lzma
 import math
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -111,15 +114,16 @@ def open_npz(path, *, split: str, image_size, protocol: str, normalization: Norm
     check_split(split, path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise DataError(f"{path}: not an .npz (zip) archive")
     try:
+        if not zipfile.is_zipfile(path):  # (it can raise BadZipFile itself: found by fuzz/)
+            raise DataError(f"{path}: not an .npz (zip) archive")
         x, y, classes, num_classes = read_npz_split(path, split)
     except DataError:
         raise
     except MemoryError:
         raise DataError(f"{path}: out of memory while reading the arrays") from None
-    except (OSError, zipfile.BadZipFile, EOFError, OverflowError, NotImplementedError, RuntimeError) as e:
+    except (OSError, zipfile.BadZipFile, EOFError, OverflowError, NotImplementedError, RuntimeError, ValueError,
+            KeyError, zlib.error, lzma.LZMAError, struct.error) as e:  # corrupt members (found by fuzz/)
         raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     src = ArraySource(x, y, spec=str(path), split=split, num_classes=num_classes,
                       normalization=normalization, image_size=image_size, protocol=protocol,

@@ -18,7 +18,9 @@ Resizing uses Pillow's bilinear filter, which low-pass filters when shrinking.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import os
 from typing import Literal
 
 import numpy as np
@@ -107,15 +109,29 @@ before any pixel is decoded. Raise it for larger inputs: ``cfws_jax.data.preproc
 _DEFLATE_MAX_RATIO = 1100  # zlib cannot expand more than ~1032:1, so a PNG holds at least raw/1032 bytes
 
 
+class _BoundedReader(io.BufferedReader):
+    """A file whose ``read(n)`` asks for at most the bytes left: Pillow reads some declared chunk
+    lengths in one call (PNG IDAT), which would allocate the declared size (found by fuzz/)."""
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.size = os.fstat(raw.fileno()).st_size
+
+    def read(self, n=-1):
+        if n is not None and n > 0:
+            n = min(n, max(self.size - self.tell(), 0))
+            if n == 0:
+                return b""
+        return super().read(n)
+
+
 def load_image(path) -> "object":
     """Decode an image file to an RGB ``PIL.Image``; :class:`DataError` naming the file if it is
     unreadable, declares more than :data:`MAX_IMAGE_PIXELS` pixels, or (PNG) declares more pixel
     data than its compressed bytes can hold. Sizes are checked before decoding."""
-    import os
-
     Image = _pil()
     try:
-        with Image.open(path) as img:
+        with _BoundedReader(io.FileIO(path)) as fh, Image.open(fh) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: image declares {w}x{h} = {w * h:,} pixels, above the limit of "
@@ -123,7 +139,7 @@ def load_image(path) -> "object":
             if img.format == "PNG":
                 bits = 1 if img.mode == "1" else 8 * len(img.getbands())
                 raw = h * (1 + (w * bits + 7) // 8)
-                size = os.path.getsize(path)
+                size = fh.size
                 if raw > _DEFLATE_MAX_RATIO * size + 65536:
                     raise DataError(f"{path}: PNG declares {w}x{h} pixels ({raw:,} bytes of pixel data) but the "
                                     f"file holds only {size:,} bytes; truncated or forged, not decoded")
@@ -160,6 +176,9 @@ def transform_pil(img, image_size, protocol: Protocol = "resize_crop",
         new_w, new_h = short, int(short * h / w)
     else:
         new_w, new_h = int(short * w / h), short
+    if new_w * new_h > MAX_IMAGE_PIXELS:  # a 4 x 4 M pixel image would become 18 x 19 M (found by fuzz/)
+        raise DataError(f"image of {w}x{h} pixels would be resized to {new_w}x{new_h}, above the limit of "
+                        f"{MAX_IMAGE_PIXELS:,} pixels (cfws_jax.data.preprocess.MAX_IMAGE_PIXELS)")
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.BILINEAR)
     top = int(round((new_h - out_h) / 2.0))
