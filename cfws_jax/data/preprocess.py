@@ -152,6 +152,8 @@ def load_image(path) -> "object":
         raise DataError(f"{path}: out of memory while decoding the image") from None
     except (OSError, SyntaxError, ValueError, OverflowError, EOFError) as e:
         raise DataError(f"cannot decode image {path}: {e}") from None
+    except TypeError as e:  # Pillow's TIFF reader, fed a strip offset tag of another type (a float, bytes, a ratio)
+        raise DataError(f"cannot decode image {path}: malformed tag ({e})") from None
 
 
 def resize_short_size(image_size: tuple[int, int], crop_pct: float = DEFAULT_CROP_PCT) -> int:
