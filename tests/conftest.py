@@ -29,6 +29,16 @@ def shared_data():
     return shared_file
 
 
+def load_script(path):
+    """Import an example script (``examples/*.py``) as a module, without running its ``main``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def numpy_init(model, input_shape, seed: int = 0, **kwargs):
     """Variables of a Flax ``model`` filled from NumPy (fan-in scaled normal kernels, small
     biases, unit BN scales / variances): avoids compiling ``model.init``'s random ops, which

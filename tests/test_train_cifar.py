@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,10 +13,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_cifar.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_cifar", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_script
+
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

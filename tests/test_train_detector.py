@@ -6,7 +6,6 @@ exactly from its checkpoint."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -143,10 +142,9 @@ def test_optimizer_pieces():
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_yolov6_scenes", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_script
+
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
