@@ -3,22 +3,30 @@ against onnxruntime's own static quantizer, in one run (README "Export to ONNX")
 
 Models (``--models``): ``cifar`` = the shipped CIFAR RepVGG-A0 (batch 64 at 32 x 32), ``a0_224`` =
 RepVGG-A0 at 224 (batch 8, random weights, BN at its initial statistics), ``yolov6n`` = yolov6n_v3
-at 640 (batch 1, random deploy-form weights). Files per model, all from :mod:`cfws_jax.export`:
+at 640 (batch 1, random deploy-form weights), ``s0`` = MobileOne-S0 with Apple's ImageNet weights (the
+shared deploy npz; batch 8 at 224). Files per model, all from :mod:`cfws_jax.export`:
 
 * ``float``: :func:`~cfws_jax.export.float_onnx`;
 * ``qdq tensorrt``: ``cfws_kl`` model, ``export_onnx(target="tensorrt")`` (explicit QDQ around float convs);
 * ``qdq onnxruntime``: ``cfws_kl_ort`` model, ``export_onnx(target="onnxruntime")``;
-* ``ort entropy`` / ``ort minmax``: ``onnxruntime.quantization.quantize_static`` of the float file
-  (QuantFormat.QDQ, per_channel=True, CalibrationMethod.Entropy / MinMax, its default int8 types)
-  on the same calibration images.
+* ``ort entropy`` / ``ort minmax`` / ``ort percentile``: ``onnxruntime.quantization.quantize_static``
+  of the float file (QuantFormat.QDQ, per_channel=True, CalibrationMethod.Entropy / MinMax /
+  Percentile, its default types and options) on the same calibration images. Its entropy calibrator
+  is built with 128 histogram bins and 128 quantized bins, which leaves one candidate range (the
+  whole histogram), so that file equals the minmax one (the script says so when the bytes match);
+  Percentile (2048 bins, 99.999 %) is its histogram method that does clip.
 
-Calibration: 32 CIFAR-10 training images (cifar; ``calibration_batches``), else 32 random images
-(our quantizer: parallel order for the random-weight models, 8 of the images at 640). Timing: ``--warmup`` then ``--iters`` runs, default
+Calibration: 32 CIFAR-10 training images (cifar; ``calibration_batches``); for s0 32 views (centre
+crop, whole image, both mirrored) of the first 8 COCO128 images (``bench_reconstruction._s0_images``);
+else 32 random images (our quantizer: parallel order for the random-weight models, 8 of the images at 640). Timing: ``--warmup`` then ``--iters`` runs, default
 graph optimizations, ``--threads`` intra-op threads. Accuracy (cifar): 2,000 class-balanced CIFAR-10
 test images (``subset="balanced"``, 200 per class), and the top-1 agreement of each INT8 file with
-the JAX fake-quant simulation of its own model where there is one.
+the JAX fake-quant simulation of its own model where there is one. Accuracy (s0): on Apple's golden
+input, the cosine of each file's logits to Apple's float logits and whether its top-1 class is
+Apple's; on the other 120 COCO128 images (centre crops, held out from calibration) the mean cosine to
+the float file's logits and the top-1 agreement with it.
 
-    python benchmarks/bench_onnx.py [--models cifar a0_224 yolov6n] [--iters 20] [--threads 2]
+    python benchmarks/bench_onnx.py [--models cifar a0_224 yolov6n s0] [--iters 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -28,10 +36,14 @@ import os
 import platform
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-CIFAR = "/work/shared/data/cifar10_jpeg_yoongikim.npz"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data from the repo root
+CIFAR = str(SHARED / "cifar10_jpeg_yoongikim.npz")
+S0 = SHARED / "mobileone_s0_deploy_awkrail.npz"
+S0_CALIB_IMAGES = 8  # x 4 views = 32 calibration views
 
 
 def _cpu_name() -> str:
@@ -85,6 +97,14 @@ def _setup(name: str):
 
         arch, v, _ = load_shipped_model("repvgg_a0_cifar")
         return arch, v, 32, 64, np.concatenate(calibration_batches(open_source(CIFAR, split="train"), 32))
+    if name == "s0":
+        from bench_reconstruction import _s0_images
+        from converters.convert import convert_state_dict
+
+        npz = np.load(S0)
+        v = convert_state_dict({k: npz[k] for k in npz.files if not k.startswith("_ref_")}, "mobileone_s0").variables
+        calib, _ = _s0_images(SHARED / "coco128" / "train2017", S0_CALIB_IMAGES)
+        return "mobileone_s0", v, 224, 8, calib
     arch, size, batch = ("repvgg_a0", 224, 8) if name == "a0_224" else ("yolov6n_v3", 640, 1)
     model = create_model(arch, deploy=name != "a0_224")  # the detector straight in deploy form
     v = jax.jit(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32)))()
@@ -99,7 +119,7 @@ def bench_model(name: str, args, ort):
 
     arch, v, size, batch, calib = _setup(name)
     n_ours = 8 if size >= 640 else 32
-    order = {} if name == "cifar" else {"calib_order": "parallel"}
+    order = {} if name in ("cifar", "s0") else {"calib_order": "parallel"}
     t = time.perf_counter()
     qm_trt = quantize(arch, v, [calib[:n_ours]], get_preset("cfws_kl", num_calib_images=n_ours, **order), progress=False)
     qm_ort = quantize(arch, v, [calib[:n_ours]], get_preset("cfws_kl_ort", num_calib_images=n_ours), progress=False)
@@ -109,7 +129,12 @@ def bench_model(name: str, args, ort):
              "qdq tensorrt": export_onnx(qm_trt).SerializeToString(),
              "qdq onnxruntime": export_onnx(qm_ort, target="onnxruntime").SerializeToString(),
              "ort entropy": _ort_static(float_proto, calib_nchw, "Entropy"),
-             "ort minmax": _ort_static(float_proto, calib_nchw, "MinMax")}
+             "ort minmax": _ort_static(float_proto, calib_nchw, "MinMax"),
+             "ort percentile": _ort_static(float_proto, calib_nchw, "Percentile")}
+    if files["ort entropy"] == files["ort minmax"]:
+        print("  note: onnxruntime's entropy file is byte-identical to its minmax file (quantize_static builds its "
+              "entropy calibrator with 128 histogram bins and 128 quantized bins, so the only candidate range is "
+              "the whole histogram)", flush=True)
     print(f"{arch} {size}x{size}, batch {batch}, {args.iters} timed runs (setup {time.perf_counter() - t:.0f} s)",
           flush=True)
     out = "logits" if name != "yolov6n" else "outputs"
@@ -128,6 +153,8 @@ def bench_model(name: str, args, ort):
               f"{rate[key] / rate['float']:.2f}x float", flush=True)
     if name == "cifar":
         _accuracy(sessions, {"qdq tensorrt": quantized_apply_fn(qm_trt), "qdq onnxruntime": quantized_apply_fn(qm_ort)})
+    if name == "s0":
+        _s0_accuracy(sessions)
 
 
 def _accuracy(sessions, sims):
@@ -147,9 +174,31 @@ def _accuracy(sessions, sims):
         print(line, flush=True)
 
 
+def _s0_accuracy(sessions):
+    from bench_reconstruction import _logit_stats, _s0_images
+
+    npz = np.load(S0)
+    golden = npz["_ref_input_apple_chw"][None].astype(np.float32)  # NCHW, ImageNet-normalized
+    ref_golden = np.asarray(npz["_ref_logits"], np.float64)[None]
+    _, held = _s0_images(SHARED / "coco128" / "train2017", S0_CALIB_IMAGES)
+    held = np.ascontiguousarray(held.transpose(0, 3, 1, 2))
+
+    def logits(s, x):
+        return np.concatenate([s.run(["logits"], {"input": x[i:i + 8]})[0] for i in range(0, len(x), 8)])
+
+    ref_held = logits(sessions["float"], held)
+    print(f"  accuracy on Apple's golden input (cosine to Apple's float logits, top-1 = Apple's class "
+          f"{int(ref_golden.argmax())}) and {len(held)} held-out COCO128 centre crops (vs the float file):")
+    for key, s in sessions.items():
+        g, h = _logit_stats(ref_golden, logits(s, golden)), _logit_stats(ref_held, logits(s, held))
+        print(f"  {key:16s}: golden cosine {g['cosine']:.4f}, top-1 {'same' if g['agree'] == 1 else 'DIFFERENT'}; "
+              f"held-out cosine {h['cosine']:.4f} (min {h['cosine_min']:.4f}), SQNR {h['sqnr']:.1f} dB, "
+              f"top-1 agreement {100 * h['agree']:.1f} %", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["cifar", "a0_224", "yolov6n"], choices=("cifar", "a0_224", "yolov6n"))
+    ap.add_argument("--models", nargs="+", default=["cifar", "a0_224", "yolov6n", "s0"], choices=("cifar", "a0_224", "yolov6n", "s0"))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")

@@ -27,6 +27,7 @@ from cfws_jax.models import create_model, get_config  # noqa: E402
 from cfws_jax.models.fuse import fuse  # noqa: E402
 from cfws_jax.models.mobileone import MobileOneConfig  # noqa: E402
 from cfws_jax.ptq import get_preset, quantize, quantized_apply_fn  # noqa: E402
+from cfws_jax.ptq.runtime import build_plan  # noqa: E402
 from conftest import numpy_init, shared_file  # noqa: E402
 
 ORT = get_preset("cfws_minmax_ort")
@@ -185,3 +186,18 @@ def test_small_models_integer_kernels_and_agreement(build, tmp_path):
         assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 0.1 * scale
+
+
+def test_ort_presets_leave_depthwise_convs_plain():
+    """``*_ort`` presets (``cfws_grouped=False``): the dense rep 3x3 convs (the MobileOne stem) are
+    CFWS with branch points, the depthwise rep convs plain per-channel (one QLinearConv each);
+    ``cfws_grouped=True`` splits them too."""
+    model, qm, _, _ = _small_mobileone()
+    rep3 = [lp for lp in qm.plan.layers if lp.info.rep and lp.info.kernel_shape[0] == 3 and lp.scheme != "float"]
+    dense = [lp for lp in rep3 if lp.info.groups == 1]
+    grouped = [lp for lp in rep3 if lp.info.groups > 1]
+    assert dense and grouped
+    assert all(lp.scheme == "cfws" and lp.coarse_point is not None for lp in dense)
+    assert all(lp.scheme == "plain" and lp.coarse_point is None for lp in grouped)
+    both = build_plan([lp.info for lp in qm.plan.layers], ORT_SEQ.replace(cfws_grouped=True))
+    assert all(lp.scheme == "cfws" for lp in both.layers if lp.info.name in {g.info.name for g in grouped})

@@ -101,7 +101,8 @@ def build_plan(layers: list[LayerInfo], config: QuantConfig) -> Plan:
             scheme = "float"
         elif (i == 0 and not config.quantize_first_layer) or (is_last and not config.quantize_last_layer):
             scheme = "float"
-        elif info.rep and config.cfws and info.kind == "conv" and is_splittable(info.kernel_shape):
+        elif (info.rep and config.cfws and info.kind == "conv" and is_splittable(info.kernel_shape)
+              and (config.cfws_grouped or info.groups == 1)):
             scheme = "cfws"
         else:
             scheme = "plain"
