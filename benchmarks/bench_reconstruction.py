@@ -54,10 +54,26 @@ def peak_rss_gb() -> float:
     return float("nan")
 
 
+def _value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
 def method_config(name: str, num_calib: int, iters: int | None, w: int, a: int, seed: int):
+    """A preset, or ``PRESET@field=value,...`` with QuantConfig fields replaced
+    (``cfws_kl_recon@recon_unit=layer``, ``cfws_kl_recon@recon_act_step=true``)."""
     from cfws_jax.ptq import get_preset
 
-    cfg = get_preset(name).replace(num_calib_images=num_calib, w_bits=w, a_bits=a, seed=seed)
+    preset, _, fields = name.partition("@")
+    extra = dict(kv.split("=", 1) for kv in fields.split(",")) if fields else {}
+    cfg = get_preset(preset, **{k: _value(v) for k, v in extra.items()})
+    cfg = cfg.replace(num_calib_images=num_calib, w_bits=w, a_bits=a, seed=seed)
     return cfg if iters is None or not cfg.reconstruct else cfg.replace(recon_iters=iters)
 
 

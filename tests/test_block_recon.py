@@ -206,7 +206,17 @@ def test_driver_reconstructs_repblocks_jointly():
     for s in stats.values():
         assert s["loss_after"] <= s["loss_before"]
     # wiring: the unit's losses, recomputed from the slow per-layer captures of the final model
-    model, params = resolve_model(ARCH, variables, None)[1:]
+    layers, got = recomputed_unit_loss(ARCH, variables, qm, first, batches)
+    assert len(layers) == 4
+    np.testing.assert_allclose(got, stats[first]["loss_after"], rtol=1e-3)
+
+
+def recomputed_unit_loss(model, variables, qm, first, batches):
+    """``(unit layers, loss)``: the unit starting at ``first``, its loss recomputed from the slow
+    per-layer captures (:func:`rec.capture`) of the final model ``qm`` -- quantized unit on the
+    quantized network's input (through the unit's ``:in`` point) against the float unit on the
+    float network's input."""
+    model, params = resolve_model(model, variables, None)[1:]
     plan = qm.plan
     units = rec.recon_units(plan)[first]
     fw = {lp.info.name: dict(layer_params(params, lp.info.name)) for lp in plan.layers}
@@ -221,11 +231,57 @@ def test_driver_reconstructs_repblocks_jointly():
     lp0 = units[0]
     p = plan.points[lp0.in_point] if lp0.in_point is not None else None
     xin = x_q if p is None else np_fq(x_q, qm.act_amax[lp0.in_point], p.spec.qmax)
-    got = np.mean((unit_output(layers, xin, quantized=True).astype(np.float64) - y_fp) ** 2)
-    np.testing.assert_allclose(got, stats[first]["loss_after"], rtol=1e-3)
+    return layers, np.mean((unit_output(layers, xin, quantized=True).astype(np.float64) - y_fp) ** 2)
 
 
 def test_units_with_bias_correction_correct_every_layer():
     stats = _detector_run("block", True)[2].meta
     assert "backbone/ERBlock_3_1/block_2/rbr_reparam" in stats["bias_correction"]
     assert stats["reconstruction"]["backbone/ERBlock_3_1/block_2/rbr_reparam"]["unit"][0].endswith("conv1/rbr_reparam")
+
+
+# ----------------------------------------------------------------------------- MobileOne: depthwise + pointwise
+def _mobileone_plan(**cfg):
+    model = create_model("mobileone_s0", deploy=True)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+    return build_plan(discover_layers(model, shapes, (1, 64, 64, 3)), get_preset("cfws_kl_recon", **cfg))
+
+
+def test_mobileone_units_are_depthwise_pointwise_pairs():
+    plan = _mobileone_plan()
+    units = rec.recon_units(plan)
+    dw = [lp for lp in plan.layers if lp.info.groups > 1]
+    assert len(dw) == 21 and sorted(units) == sorted(lp.info.name for lp in dw)
+    for a, b in units.values():
+        assert a.info.groups == a.info.in_shape[-1] > 1 and a.info.kernel_shape[:2] == (3, 3)
+        assert b.info.groups == 1 and b.info.kernel_shape[:2] == (1, 1)
+        assert b.info.input_from == a.info.name and a.out_point is not None and b.in_point is None
+    assert rec.recon_units(plan, "layer") == {}
+    # a float pointwise layer leaves its depthwise layer alone
+    split = rec.recon_units(_mobileone_plan(float_layers=("stage2_1/*",)))
+    assert "stage2_0/reparam_conv" not in split and len(split) == 20
+
+
+def test_driver_reconstructs_mobileone_pairs_jointly():
+    from cfws_jax.models.fuse import fuse
+    from cfws_jax.models.mobileone import MobileOneConfig
+
+    cfg = MobileOneConfig((0.25, 0.25, 0.25, 0.25), num_conv_branches=2, use_se=False, num_blocks=(1, 1, 2, 1),
+                          num_classes=5, stem_stride=1, stage_strides=(1, 2, 2, 2))
+    variables = fuse(cfg, numpy_init(create_model(cfg), (1, 16, 16, 3), seed=2))
+    model = create_model(cfg, deploy=True)
+    x = np.random.default_rng(3).normal(size=(6, 16, 16, 3)).astype(np.float32)
+    batches = [x[:3], x[3:]]
+    qcfg = get_preset("cfws_kl_recon", w_bits=4, recon_iters=12, recon_batch_size=4, calib_batch_size=3)
+    qm = quantize(model, variables, batches, qcfg, progress=False)
+    stats, plan = qm.meta["reconstruction"], qm.plan
+    units = rec.recon_units(plan)
+    assert len(units) == sum(lp.info.groups > 1 for lp in plan.layers) >= 4
+    for first, (a, b) in units.items():
+        assert stats[first]["unit"] == [a.info.name, b.info.name] == stats[b.info.name]["unit"]
+        assert stats[b.info.name]["loss_after"] == stats[first]["loss_after"] <= stats[first]["loss_before"]
+    # wiring: one pair's loss, recomputed from the slow per-layer captures of the final model
+    first = sorted(units, key=lambda n: plan.layer(n).info.index)[1]
+    layers, got = recomputed_unit_loss(model, variables, qm, first, batches)
+    assert layers[0].info.groups > 1 and layers[0].link is not None and layers[1].link is None
+    np.testing.assert_allclose(got, stats[first]["loss_after"], rtol=1e-3)

@@ -201,3 +201,20 @@ def test_ort_presets_leave_depthwise_convs_plain():
     assert all(lp.scheme == "plain" and lp.coarse_point is None for lp in grouped)
     both = build_plan([lp.info for lp in qm.plan.layers], ORT_SEQ.replace(cfws_grouped=True))
     assert all(lp.scheme == "cfws" for lp in both.layers if lp.info.name in {g.info.name for g in grouped})
+
+
+def test_kl_ort_is_one_integer_conv_per_layer(tmp_path):
+    """``kl_ort`` (the layout without the CFWS split): one QLinearConv per conv, no QLinearAdd,
+    and the file tracks its simulation."""
+    model = create_model("repvgg_cifar_small", deploy=True)
+    x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype(np.float32)
+    qm = quantize(model, numpy_init(model, (1, 16, 16, 3)), [x[:4]],
+                  get_preset("kl_ort", calib_order="sequential"), progress=False)
+    assert all(lp.scheme != "cfws" for lp in qm.plan.layers)
+    s, ops = optimized(export_onnx(qm, model, target="onnxruntime"), tmp_path, "kl_ort")
+    integer, kept = expected_convs(qm)
+    assert ops["QLinearConv"] == integer == sum(lp.info.kind == "conv" for lp in qm.plan.layers) and kept == 0
+    assert ops["QLinearAdd"] == 0 and ops["Conv"] == 0
+    got = s.run(["logits"], {"input": nchw(x)})[0]
+    want = np.asarray(quantized_apply_fn(qm, model)(x))
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()

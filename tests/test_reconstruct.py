@@ -442,7 +442,8 @@ def test_cli_recon_preset_end_to_end(tmp_path, capsys):
               "--calib-batch-size", "6", "--float-layers", *FLOAT, "--no-progress"]
     q, report = tmp_path / "q", tmp_path / "r.json"
     assert main([*common, "--preset", "cfws_kl_recon", "--iters", "40", "--recon-batch-size", "4", "--bias-correction",
-                 "--bias-correction-z", "1.5", "--recon-unit", "layer", "--out", str(q), "--report", str(report)]) == 0
+                 "--bias-correction-z", "1.5", "--recon-unit", "layer", "--recon-act-step", "--out", str(q),
+                 "--report", str(report)]) == 0
     out, err = capsys.readouterr()
     assert "recon_loss_after" in out and "reconstruction: 3 layers" in err and "bias correction: 3 layers" in err
     rep = json.loads(report.read_text())
@@ -450,7 +451,7 @@ def test_cli_recon_preset_end_to_end(tmp_path, capsys):
     qm = load_quantized(q)
     assert qm.config.reconstruct and qm.config.bias_correction and qm.config.recon_iters == 40
     assert qm.config.recon_batch_size == 4 and sorted(qm.meta["reconstruction"]) == sorted(REFINED)
-    assert qm.config.recon_unit == "layer" and qm.config.bias_correction_z == 1.5
+    assert qm.config.recon_unit == "layer" and qm.config.bias_correction_z == 1.5 and qm.config.recon_act_step
     assert main(["eval", "--arch", ARCH, "--quantized", str(q), "--data", str(data), "--split", "test", "--json",
                  "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 8
@@ -458,6 +459,7 @@ def test_cli_recon_preset_end_to_end(tmp_path, capsys):
     for extra, msg in ((["--preset", "cfws_kl", "--iters", "5"], "--iters: reconstruction options, but preset cfws_kl does not reconstruct"),
                        (["--preset", "cfws_kl_recon", "--qdrop", "1.5"], "--qdrop must be in [0, 1)"),
                        (["--preset", "cfws_kl_bc", "--recon-unit", "block"], "--recon-unit: reconstruction options"),
+                       (["--preset", "cfws_kl", "--recon-act-step"], "--recon-act-step: reconstruction options"),
                        (["--preset", "cfws_kl", "--bias-correction-z", "1"], "--bias-correction-z: preset cfws_kl does not"),
                        (["--preset", "cfws_kl_bc", "--bias-correction-z", "-1"], "bias_correction_z must be")):
         assert main([*common, *extra, "--out", str(tmp_path / "q2")]) == 1

@@ -116,3 +116,36 @@ def test_eval_and_ptq_use_the_official_p6_canvas(monkeypatch, tmp_path, capsys):
     for argv in (ev, ev + ["--image-size", "640"], pq, ev[:4] + ["yolov6m_v3"] + ev[5:]):
         assert main(argv) == 1 and "stop" in capsys.readouterr().err
     assert seen == [(1280, 1263), (640, 640), (1280, 1263), (640, 636)]
+
+
+ORT_FAMILY = dict(TINY, qa=dataclasses.replace(get_config("yolov6s_qa"), width=0.125, num_classes=3),
+                  qav2=dataclasses.replace(get_config("yolov6m_qav2"), width=0.125, depth=0.33, num_classes=3),
+                  v1=dataclasses.replace(get_config("yolov6n_v1"), num_classes=3))
+
+
+@pytest.mark.parametrize("name", list(ORT_FAMILY))
+def test_onnxruntime_target_runs_every_fusable_conv_in_integers(name, tmp_path):
+    """``export --target onnxruntime`` on every YOLOv6 family shape (P6, CSP / BepC3 with
+    BottleRep alpha, QARepVGG V1 / V2, the v1.0 objectness head): onnxruntime's optimized graph
+    holds one ``QLinearConv`` per ReLU-fused / linear quantized conv (two per CFWS layer) and a
+    float conv only where the plan says so (SiLU epilogues, prediction convs), and its detections
+    track the simulation's."""
+    from test_export_onnx_ort import ORT_SEQ, expected_convs, nchw, optimized
+
+    from cfws_jax.export import export_onnx
+    from cfws_jax.ptq import quantize, quantized_apply_fn
+
+    cfg = ORT_FAMILY[name]
+    model = create_model(cfg, deploy=True)
+    x = np.random.default_rng(1).uniform(0, 1, (3, S, S, 3)).astype(np.float32)
+    qm = quantize(model, _variables(cfg), [x[:2]], ORT_SEQ, progress=False)
+    s, ops = optimized(export_onnx(qm, model, target="onnxruntime"), tmp_path, name)
+    integer, kept = expected_convs(qm)
+    assert integer > 0
+    assert ops["QLinearConv"] == integer, (ops, integer)
+    assert ops["Conv"] + ops["FusedConv"] == kept, (ops, kept)
+    got = s.run(["outputs"], {"input": nchw(x)})[0]
+    want = np.asarray(quantized_apply_fn(qm, model)(x))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got[..., 4:], want[..., 4:], atol=0.05)  # confidences and class scores
+    assert np.median(np.abs(got[..., :4] - want[..., :4])) < 0.5  # box pixels

@@ -4,7 +4,7 @@
                  [--report FILE.json|FILE.csv] [--num-calib 32] [--seed 0] [--order sequential]
                  [--w-bits 8] [--a-bits 8] [--act-method M] [--float-layers PAT ...]
                  [--keep-float K] [--bias-correction] [--bias-correction-z 2] [--reconstruct] [--iters 200]
-                 [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P] [--cle]
+                 [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P] [--recon-act-step] [--cle]
 
 ``--keep-float K`` runs the single-layer sensitivity analysis and keeps the K most sensitive
 layers in float (partial quantization). The final model's calibration reuses what the ranking
@@ -87,9 +87,13 @@ def register(sub) -> None:
                    help="reconstruction: loss of the layer output (default mse)")
     p.add_argument("--qdrop", type=float, default=None, metavar="P",
                    help="reconstruction: QDrop probability in [0, 1) (default 0)")
+    p.add_argument("--recon-act-step", action="store_const", const=True, default=None,
+                   help="reconstruction: also learn each layer's input quantizer step (LSQ-style; "
+                        "QuantConfig.recon_act_step)")
     p.add_argument("--recon-unit", choices=("block", "layer"), default=None,
-                   help="reconstruction: block (default: a YOLOv6 RepBlock's layers jointly, BRECQ-style) or "
-                        "layer (every layer alone); the same for RepVGG / MobileOne")
+                   help="reconstruction: block (default: a YOLOv6 RepBlock's layers jointly, BRECQ-style, and "
+                        "each depthwise conv with the pointwise conv after it, MobileOne) or layer (every layer "
+                        "alone); the same for RepVGG")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     from cfws_jax.parallel import add_devices_arg
 
@@ -103,7 +107,7 @@ def _overrides(args) -> dict:
                        ("seed", "seed"), ("order", "calib_order"), ("w_bits", "w_bits"), ("a_bits", "a_bits"),
                        ("act_method", "act_method"), ("iters", "recon_iters"),
                        ("recon_batch_size", "recon_batch_size"), ("recon_loss", "recon_loss"),
-                       ("qdrop", "recon_qdrop"), ("recon_unit", "recon_unit"),
+                       ("qdrop", "recon_qdrop"), ("recon_unit", "recon_unit"), ("recon_act_step", "recon_act_step"),
                        ("bias_correction_z", "bias_correction_z")):
         v = getattr(args, arg)
         if v is not None:
@@ -126,7 +130,7 @@ _RANGES = (("num_calib", "--num-calib", 1, None), ("calib_batch_size", "--calib-
            ("image_size", "--image-size", 1, None), ("iters", "--iters", 0, None),
            ("recon_batch_size", "--recon-batch-size", 1, None))
 _RECON_FLAGS = (("iters", "--iters"), ("recon_batch_size", "--recon-batch-size"), ("recon_loss", "--recon-loss"),
-                ("qdrop", "--qdrop"), ("recon_unit", "--recon-unit"))
+                ("qdrop", "--qdrop"), ("recon_unit", "--recon-unit"), ("recon_act_step", "--recon-act-step"))
 
 
 def check_args(args) -> None:

@@ -839,7 +839,7 @@ def check_target(qm, target: str) -> None:
     unsigned ReLU-fused points (``act_unsigned``: uint8 with zero point 0, so the ReLU folds into
     the integer conv) and CFWS branch points
     (``cfws_branch_quant``: each CFWS conv requantized, QLinearConv + QLinearAdd) -- the
-    ``cfws_kl_ort`` / ``cfws_minmax_ort`` presets."""
+    ``cfws_kl_ort`` / ``cfws_minmax_ort`` / ``kl_ort`` presets."""
     if target not in TARGETS:
         raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if target != "onnxruntime":

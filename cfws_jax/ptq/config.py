@@ -18,6 +18,7 @@ preset             weights of rep convs        activation method       ReLU fusi
 ``cfws_kl_ort``    CFWS on dense convs,        kl_cfws, unsigned ReLU  on   (``--target onnxruntime``; parallel)
                    branches requantized
 ``cfws_minmax_ort`` as ``cfws_kl_ort``         max, unsigned ReLU      on
+``kl_ort``         plain per-channel           kl_cfws, unsigned ReLU  on   (``--target onnxruntime``, no split: fastest)
 ``kl_recon``       plain + learned rounding    kl_cfws                 on   (256 calib images)
 ``cfws_kl_cle``    CLE, then CFWS              kl_cfws                 on
 =================  ==========================  ======================  ===========
@@ -113,8 +114,9 @@ class QuantConfig:
       cle: cross-layer equalization of the fused float weights before anything else
         (:func:`cfws_jax.ptq.equalize.cross_layer_equalize`); the stored layers are the equalized
         ones, and ``meta["cle"]`` records the pairs, sweeps and skipped layers.
-      recon_unit: ``"block"`` (a YOLOv6 RepBlock's layers are reconstructed jointly, BRECQ-style;
-        every other layer alone) or ``"layer"`` (every layer alone); the same for RepVGG / MobileOne.
+      recon_unit: ``"block"`` (a YOLOv6 RepBlock's layers are reconstructed jointly, BRECQ-style, and
+        so are a depthwise conv and the pointwise conv reading it, MobileOne; every other layer
+        alone) or ``"layer"`` (every layer alone); the same for RepVGG.
     """
 
     w_bits: int = 8
@@ -236,6 +238,8 @@ _ORT = dict(act_unsigned=True, act_full_range=True, cfws_branch_quant=True, int_
             cfws_grouped=False)
 PRESETS["cfws_kl_ort"] = QuantConfig(act_method="kl_cfws", **_ORT)
 PRESETS["cfws_minmax_ort"] = QuantConfig(act_method="max", **_ORT)
+# the same layout without the CFWS split: one QLinearConv per layer, onnxruntime's own file's speed
+PRESETS["kl_ort"] = QuantConfig(cfws=False, act_method="kl_cfws", **_ORT)
 # beyond the paper (issue #14): bias correction / learned rounding after calibration
 PRESETS["cfws_kl_bc"] = QuantConfig(act_method="kl_cfws", bias_correction=True)
 PRESETS["cfws_kl_recon"] = QuantConfig(act_method="kl_cfws", reconstruct=True, num_calib_images=256)

@@ -44,9 +44,12 @@ Granularity (``config.recon_unit``): ``"block"`` (default) reconstructs each YOL
 (``conv1`` and its ``block_j`` RepVGG blocks, a chain of fused 3x3 convs) as one unit, all its
 layers' rounding learned jointly against the block's float output, BRECQ-style
 (:mod:`cfws_jax.ptq.block_recon`; :func:`recon_units` finds the units); every other layer, and
-every layer with ``"layer"``, is its own unit. For the RepVGG / MobileOne deploy forms one layer
-is one block (re-parameterized conv + ReLU), so both settings are the same there; in MobileOne
-SE blocks the rep conv (before SE), ``se/reduce`` and ``se/expand`` are three units. A unit's
+every layer with ``"layer"``, is its own unit. A depthwise conv and the pointwise 1x1 conv that
+reads its output (MobileOne: each depthwise block and the pointwise block after it) are one unit
+too. For the RepVGG deploy form one layer is one block (re-parameterized conv + ReLU), so both
+settings are the same there; in MobileOne SE blocks the SE product stands between the depthwise
+and the pointwise conv, so the rep conv (before SE), ``se/reduce`` and ``se/expand`` stay three
+units. A unit's
 statistics (its output's losses) are repeated on each of its layers with ``"unit"`` = its layer
 names; the learning seconds are on its first layer. Bias correction stays per layer: an inner
 layer of a unit is corrected when the pass reaches it, after the unit's codes changed.
@@ -83,7 +86,7 @@ from cfws_jax.ptq.adaround import ReconConfig, reconstruct_layer
 from cfws_jax.ptq.block_recon import UnitLayer, reconstruct_unit, unit_output
 from cfws_jax.ptq.calibrate import _Done, _fq_fn, _geometry, _layer_fn, apply_layer, intercepted_forward, run_in_lockstep
 from cfws_jax.ptq.config import QuantConfig
-from cfws_jax.ptq.graph import layer_name
+from cfws_jax.ptq.graph import LayerInfo, layer_name
 from cfws_jax.ptq.runtime import LayerPlan, Plan, forward_key, layer_linear, make_forward
 from cfws_jax.ptq.weights import dequantize_layer, quantize_layer
 from cfws_jax.quant import fake_quant_symmetric, int_range
@@ -245,7 +248,9 @@ def recon_units(plan: Plan, unit: str = "block") -> dict[str, tuple[LayerPlan, .
 
     A unit is a maximal run of consecutive quantized (plain / cfws) layers of one YOLOv6 RepBlock
     (``<block>/conv1/rbr_reparam``, ``<block>/block_j/rbr_reparam``) where each layer's input is
-    the previous layer's output, through that layer's ``:out`` point and no ``:in`` point of its own.
+    the previous layer's output, through that layer's ``:out`` point and no ``:in`` point of its own;
+    or a depthwise conv and the 1x1 pointwise conv that reads its output that way (MobileOne's
+    blocks, issue #24).
     """
     if unit == "layer":
         return {}
@@ -268,7 +273,26 @@ def recon_units(plan: Plan, unit: str = "block") -> dict[str, tuple[LayerPlan, .
             close()
             run, block = [lp], m["block"]
     close()
-    return units
+    # depthwise -> pointwise pairs (MobileOne, MobileNet-style): the pointwise conv reads the
+    # depthwise conv's output directly, through its :out point
+    taken = {lp.info.name for u in units.values() for lp in u}
+    by_name = {lp.info.name: lp for lp in plan.layers}
+    for b in plan.layers:
+        a = by_name.get(b.info.input_from) if b.info.input_from is not None else None
+        if (a is not None and _depthwise(a.info) and _pointwise(b.info) and a.out_point is not None
+                and b.in_point is None and "float" not in (a.scheme, b.scheme)
+                and not {a.info.name, b.info.name} & taken):
+            units[a.info.name] = (a, b)
+            taken |= {a.info.name, b.info.name}
+    return dict(sorted(units.items(), key=lambda kv: kv[1][0].info.index))
+
+
+def _depthwise(info: LayerInfo) -> bool:
+    return info.kind == "conv" and info.groups > 1 and info.groups == info.in_shape[-1]
+
+
+def _pointwise(info: LayerInfo) -> bool:
+    return info.kind == "conv" and info.groups == 1 and tuple(info.kernel_shape[:2]) == (1, 1)
 
 
 def _unit_layers(units: tuple[LayerPlan, ...], st: dict) -> list[UnitLayer]:
