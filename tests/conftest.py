@@ -3,7 +3,9 @@ tests that need it skip cleanly when it is absent."""
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,37 @@ def shared_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data file {path} not present")
     return path
+
+
+def memory_mappings() -> int:
+    """How many memory mappings this process holds (Linux ``/proc/self/maps``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+# Linux refuses new mappings past vm.max_map_count (65,530 by default); LLVM then segfaults
+# inside XLA's compiler instead of raising. Fail the file that got close, with the reason.
+MAPPINGS_LIMIT = 40_000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_code():
+    """After each test file, drop JAX's compiled executables. Every XLA:CPU executable keeps a
+    few memory mappings for its machine code; an xdist worker that runs dozens of files and
+    keeps them all passed the kernel's mapping limit, and the next compile segfaulted."""
+    yield
+    if "jax" not in sys.modules:
+        return
+    sys.modules["jax"].clear_caches()
+    gc.collect()
+    held = memory_mappings()
+    if held > MAPPINGS_LIMIT:
+        pytest.fail(f"this test file left {held} memory mappings after jax.clear_caches() "
+                    f"(limit {MAPPINGS_LIMIT}; the kernel's vm.max_map_count is 65,530): "
+                    "something keeps compiled executables alive")
 
 
 @pytest.fixture
