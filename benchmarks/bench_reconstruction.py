@@ -20,7 +20,7 @@ Two parts, each printing Markdown tables (paste them into the README with the ma
         [--seeds 0 1 2] [--settings 8,8 6,6 4,8 4,4] [--num-calib 256] [--iters N] [--every 1]
     python benchmarks/bench_reconstruction.py s0 --s0 ../shared/data/mobileone_s0_deploy_awkrail.npz \
         --coco ../shared/data/coco128/train2017 [--s0-calib-images 64] [--iters N] [--settings 8,8 6,6 4,8] \
-        [--methods cfws_kl cfws_kl_cle] [--ranges stage3_16 stage3_17 stage3_18]
+        [--methods cfws_kl cfws_kl_cle] [--ranges stage3_16 stage3_17 stage3_18] [--absorption]
 
 ``--iters`` defaults to :class:`cfws_jax.ptq.QuantConfig`'s ``recon_iters``.
 """
@@ -217,6 +217,8 @@ def run_s0(args) -> None:
           f"reconstruction iterations {args.iters if args.iters is not None else 'default'}\n", flush=True)
     if args.ranges:
         s0_ranges(model, variables, calib[:32], args.ranges)
+    if args.absorption:
+        s0_absorption(model, variables, calib)
     results = {}
     for w, a in [tuple(int(v) for v in st.split(",")) for st in args.settings]:
         for name in args.methods:
@@ -231,6 +233,8 @@ def run_s0(args) -> None:
             h = results[key][0]
             print(f"  {key}: quantize {tq:.0f} s, held-out cosine {h['cosine']:.4f} SQNR {h['sqnr']:.2f} dB, "
                   f"peak memory so far {peak_rss_gb():.2f} GB, {load_line()}", flush=True)
+    if not results:
+        return
     head = "method (W8A8)" if args.settings == ["8,8"] else "setting, method"
     print(f"\n| {head} | held-out cosine mean (min) | held-out SQNR dB | top-1 agreement | golden cosine | "
           "golden SQNR dB | quantize s |")
@@ -284,6 +288,32 @@ def s0_ranges(model, variables, images, layers) -> None:
     print(flush=True)
 
 
+def s0_absorption(model, variables, images, batch: int = 32) -> None:
+    """What high-bias absorption (Nagel et al. 2019) could take out of each ReLU output: a
+    channel whose post-ReLU minimum over ``images`` is ``c_i > 0`` can hand ``c_i`` to the next
+    layer's bias, which shrinks the per-tensor range from ``max_i M_i`` to ``max_i (M_i - c_i)``.
+    Prints, per conv layer, the channels with ``c_i > 0`` and the range before / after."""
+    import jax
+
+    run = jax.jit(lambda x: model.apply(variables, x, capture_intermediates=True)[1]["intermediates"])
+    lo, hi = {}, {}
+    for i in range(0, len(images), batch):
+        for name, d in run(images[i:i + batch]).items():
+            if "reparam_conv" in d:
+                a = np.asarray(d["reparam_conv"]["__call__"][0])
+                a = a.reshape(-1, a.shape[-1])
+                lo[name] = np.minimum(lo.get(name, np.inf), a.min(0))
+                hi[name] = np.maximum(hi.get(name, -np.inf), a.max(0))
+    print(f"\nhigh-bias absorption: per-channel minimum of each layer's output over {len(images)} views\n")
+    print("| layer | channels with minimum > 0 | of them constant (min = max) | tensor max | tensor max after absorbing |")
+    print("|---|---|---|---|---|")
+    for name in sorted(lo, key=lambda n: [int(t) if t.isdigit() else t for t in n.replace("_", " ").split()]):
+        c, m = np.maximum(lo[name], 0.0), hi[name]
+        const = int(((c > 0) & np.isclose(c, m)).sum())
+        print(f"| {name} | {int((c > 0).sum())} of {len(c)} | {const} | {m.max():.4g} | {(m - c).max():.4g} |")
+    print(flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="part", required=True)
@@ -299,11 +329,13 @@ def main(argv=None):
     s.add_argument("--s0", required=True)
     s.add_argument("--coco", required=True)
     s.add_argument("--s0-calib-images", type=int, default=64, help="COCO128 images used (4 views each)")
-    s.add_argument("--methods", nargs="+", default=list(S0_METHODS))
+    s.add_argument("--methods", nargs="*", default=list(S0_METHODS), help="none: only --ranges / --absorption")
     s.add_argument("--iters", type=int, default=None)
     s.add_argument("--settings", nargs="+", default=["8,8"], help="w_bits,a_bits pairs (default 8,8)")
     s.add_argument("--ranges", nargs="*", default=[], metavar="LAYER",
                    help="print per-channel weight / output ranges of these blocks (stage3_17) before / after CLE")
+    s.add_argument("--absorption", action="store_true",
+                   help="print what high-bias absorption could remove from each layer's output range")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--show-layers", type=int, default=6)
     s.add_argument("--no-progress", action="store_true")
