@@ -305,14 +305,13 @@ def make_integer_forward(model: nn.Module, plan: Plan, requant: str = "float", c
             s_f = w["w_scale"]
             if "bias" in w:  # int32 bias at the (fine) product scale / 2^k, k = the layer's acc_shift
                 k = w.get("acc_shift", jnp.zeros((), jnp.int32))
+                s_fk = _div(s_f, jnp.exp2(k.astype(jnp.float32)))
                 if int_bias:  # the bias is an integer of the product grid: b_q = round(b / (s_x s_w)) * 2^k
-                    b_q = jnp.left_shift(jnp.clip(round_values(_div(w["bias"], s_x * s_f), "half_even"),
-                                                  -2.0**29, 2.0**29).astype(jnp.int32), k)
-                    s_f = _div(s_f, jnp.exp2(k.astype(jnp.float32)))
-                else:
-                    s_f = _div(s_f, jnp.exp2(k.astype(jnp.float32)))
-                    b_q = jnp.clip(round_values(_div(w["bias"], s_x * s_f), "half_even"), -2.0**29, 2.0**29)
-                acc_f = jnp.left_shift(acc_f, k) + b_q.astype(jnp.int32)
+                    b_q = jnp.left_shift(_bias_codes(w["bias"], s_x * s_f), k)
+                else:  # the bias rounded to the finer grid of k fraction bits
+                    b_q = _bias_codes(w["bias"], s_x * s_fk)
+                s_f = s_fk
+                acc_f = jnp.left_shift(acc_f, k) + b_q
             if lp.coarse_point is not None:  # cfws_branch_quant: each branch to its own 8-bit point,
                 # then the two dequantized branches are added (QLinearAdd) and requantized below
                 cp, fp = lp.coarse_point, lp.fine_point
@@ -345,6 +344,11 @@ def make_integer_forward(model: nn.Module, plan: Plan, requant: str = "float", c
         return out
 
     return forward
+
+
+def _bias_codes(bias, grid):
+    """``round(bias / grid)`` as int32 (half to even), clamped to ``±2^29`` (accumulator headroom)."""
+    return jnp.clip(round_values(_div(bias, grid), "half_even"), -2.0**29, 2.0**29).astype(jnp.int32)
 
 
 def _lowest(p, qmax):
