@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import load_line, print_machine  # noqa: E402
 
 CIFAR_METHODS = ("minmax", "cfws_kl", "cfws_kl_bc", "cfws_kl_recon", "kl_recon")
-S0_METHODS = ("cfws_kl", "cfws_kl_bc", "cfws_kl_recon")  # also cfws_kl_cle (issue #24)
+S0_METHODS = ("cfws_kl", "cfws_kl_bc", "cfws_kl_recon")  # also cfws_kl_cle, cfws_kl_u, cfws_kl_recon_u (#24)
 
 
 def peak_rss_gb() -> float:
@@ -257,12 +257,24 @@ def run_s0(args) -> None:
                   f"{v['loss_before']:.4g} -> {v['loss_after']:.4g}")
 
 
+def _conv_outputs_fn(model, params):
+    """``x [N, H, W, 3] -> {block: its reparam conv's output [N*H'*W', C]}`` of the float MobileOne
+    (NHWC, every block that has a ``reparam_conv``), one jitted forward with captured intermediates."""
+    import jax
+
+    run = jax.jit(lambda x: model.apply({"params": params}, x, capture_intermediates=True)[1]["intermediates"])
+
+    def outputs(x):
+        convs = {name: np.asarray(d["reparam_conv"]["__call__"][0]) for name, d in run(x).items() if "reparam_conv" in d}
+        return {name: a.reshape(-1, a.shape[-1]) for name, a in convs.items()}
+
+    return outputs
+
+
 def s0_ranges(model, variables, images, layers) -> None:
     """Per-channel ranges of ``layers`` (``stage3_17``) before / after cross-layer equalization:
     the weights' ``max|W|`` per output channel and the float output's per-channel max over
     ``images`` (what the per-tensor output quantizer has to cover)."""
-    import jax
-
     from cfws_jax.ptq.model import equalized_params
 
     eq, stats = equalized_params(model, variables["params"], (1, *images.shape[1:]))
@@ -272,12 +284,11 @@ def s0_ranges(model, variables, images, layers) -> None:
           "(top channels) | channels under 1/100 of the max |")
     print("|---|---|---|---|---|")
     for tag, p in (("float", variables["params"]), ("CLE", eq)):
-        _, st = jax.jit(lambda x, p=p: model.apply({"params": p}, x, capture_intermediates=True))(images)
-        inter = st["intermediates"]
+        outputs = _conv_outputs_fn(model, p)(images)
         for layer in layers:
             k = np.asarray(p[layer]["reparam_conv"]["kernel"])
             wr = np.abs(k.reshape(-1, k.shape[-1])).max(0)
-            act = np.asarray(inter[layer]["reparam_conv"]["__call__"][0]).reshape(-1, k.shape[-1]).max(0)
+            act = outputs[layer].max(0)
 
             def top(v):
                 i = np.argsort(-v)[:3]
@@ -293,17 +304,12 @@ def s0_absorption(model, variables, images, batch: int = 32) -> None:
     channel whose post-ReLU minimum over ``images`` is ``c_i > 0`` can hand ``c_i`` to the next
     layer's bias, which shrinks the per-tensor range from ``max_i M_i`` to ``max_i (M_i - c_i)``.
     Prints, per conv layer, the channels with ``c_i > 0`` and the range before / after."""
-    import jax
-
-    run = jax.jit(lambda x: model.apply(variables, x, capture_intermediates=True)[1]["intermediates"])
+    outputs = _conv_outputs_fn(model, variables["params"])
     lo, hi = {}, {}
     for i in range(0, len(images), batch):
-        for name, d in run(images[i:i + batch]).items():
-            if "reparam_conv" in d:
-                a = np.asarray(d["reparam_conv"]["__call__"][0])
-                a = a.reshape(-1, a.shape[-1])
-                lo[name] = np.minimum(lo.get(name, np.inf), a.min(0))
-                hi[name] = np.maximum(hi.get(name, -np.inf), a.max(0))
+        for name, a in outputs(images[i:i + batch]).items():
+            lo[name] = np.minimum(lo.get(name, np.inf), a.min(0))
+            hi[name] = np.maximum(hi.get(name, -np.inf), a.max(0))
     print(f"\nhigh-bias absorption: per-channel minimum of each layer's output over {len(images)} views\n")
     print("| layer | channels with minimum > 0 | of them constant (min = max) | tensor max | tensor max after absorbing |")
     print("|---|---|---|---|---|")

@@ -135,6 +135,8 @@ def test_config_fields_presets_and_old_dicts():
     assert PRESETS["cfws_kl_bc"] == PRESETS["cfws_kl"].replace(bias_correction=True)
     assert PRESETS["cfws_kl_recon"] == PRESETS["cfws_kl"].replace(reconstruct=True, num_calib_images=256)
     assert PRESETS["kl_recon"] == PRESETS["cfws_kl_recon"].replace(cfws=False)
+    assert PRESETS["cfws_kl_u"] == PRESETS["cfws_kl"].replace(act_unsigned=True)
+    assert PRESETS["cfws_kl_recon_u"] == PRESETS["cfws_kl_recon"].replace(act_unsigned=True)
     assert not any(PRESETS[p].reconstruct or PRESETS[p].bias_correction for p in ("minmax", "kl", "cfws_kl"))
     for bad in (dict(recon_loss="l1"), dict(recon_qdrop=1.0), dict(recon_iters=-1), dict(recon_batch_size=0),
                 dict(recon_lr=0.0), dict(recon_reg_weight=-1.0), dict(recon_unit="stage")):
@@ -428,6 +430,31 @@ def test_one_pass_on_an_se_block_matches_the_prefix_captures(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- CLI
+def test_unsigned_relu_points_reach_reconstruction(monkeypatch):
+    """With ``act_unsigned`` at 4 bits a layer reading a ReLU-fused point learns its rounding on
+    inputs on the unsigned grid (codes 0..15, the previous layer's ``:out`` point); a layer with its
+    own signed ``:in`` point (``linear``, after the pooling) gets qmax 7."""
+    seen = {}
+
+    def spy(q, kernel, bias, *, info, act, x_q, x_fp, y_fp, in_quant, w_bits, config, rcfg):
+        seen[info.name] = (in_quant, np.array(x_q))
+        return dict(q), {"loss_before": 1.0, "loss_after": 1.0, "seconds": 0.0, "accepted": False}
+
+    monkeypatch.setattr(rec, "reconstruct_layer", spy)
+    qm = quantize(ARCH, variables(), BATCHES, BASE.replace(reconstruct=True, act_unsigned=True, a_bits=4, w_bits=4,
+                                                           recon_unit="layer"), progress=False)
+    out = qm.plan.layer("stage0/rbr_reparam").out_point
+    point = qm.plan.points[out]
+    assert point.mode == "relu" and point.unsigned and qm.plan.layer("stage1_0/rbr_reparam").in_point is None
+    in_quant, x_q = seen["stage1_0/rbr_reparam"]
+    codes = x_q / (np.float32(qm.act_amax[out]) / np.float32(15))
+    assert in_quant is None
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+    assert codes.min() >= 0 and codes.max() > 7.5  # the upper half of the unsigned grid is used
+    lin = qm.plan.points[qm.plan.layer("linear").in_point]
+    assert not lin.unsigned and seen["linear"][0][1] == 7.0
+
+
 def test_cli_recon_preset_end_to_end(tmp_path, capsys):
     from cfws_jax.cli import main
     from cfws_jax.io import save_variables
@@ -442,7 +469,8 @@ def test_cli_recon_preset_end_to_end(tmp_path, capsys):
               "--calib-batch-size", "6", "--float-layers", *FLOAT, "--no-progress"]
     q, report = tmp_path / "q", tmp_path / "r.json"
     assert main([*common, "--preset", "cfws_kl_recon", "--iters", "40", "--recon-batch-size", "4", "--bias-correction",
-                 "--bias-correction-z", "1.5", "--recon-unit", "layer", "--recon-act-step", "--out", str(q),
+                 "--bias-correction-z", "1.5", "--recon-unit", "layer", "--recon-act-step", "--act-unsigned",
+                 "--out", str(q),
                  "--report", str(report)]) == 0
     out, err = capsys.readouterr()
     assert "recon_loss_after" in out and "reconstruction: 3 layers" in err and "bias correction: 3 layers" in err
@@ -452,6 +480,8 @@ def test_cli_recon_preset_end_to_end(tmp_path, capsys):
     assert qm.config.reconstruct and qm.config.bias_correction and qm.config.recon_iters == 40
     assert qm.config.recon_batch_size == 4 and sorted(qm.meta["reconstruction"]) == sorted(REFINED)
     assert qm.config.recon_unit == "layer" and qm.config.bias_correction_z == 1.5 and qm.config.recon_act_step
+    assert qm.config.act_unsigned and not get_preset("cfws_kl_recon").act_unsigned
+    assert all(p.unsigned == (p.mode == "relu") for p in qm.plan.points)
     assert main(["eval", "--arch", ARCH, "--quantized", str(q), "--data", str(data), "--split", "test", "--json",
                  "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 8

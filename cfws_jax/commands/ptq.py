@@ -5,6 +5,7 @@
                  [--w-bits 8] [--a-bits 8] [--act-method M] [--float-layers PAT ...]
                  [--keep-float K] [--bias-correction] [--bias-correction-z 2] [--reconstruct] [--iters 200]
                  [--recon-batch-size 32] [--recon-loss mse|mae] [--qdrop P] [--recon-act-step] [--cle]
+                 [--act-unsigned]
 
 ``--keep-float K`` runs the single-layer sensitivity analysis and keeps the K most sensitive
 layers in float (partial quantization). The final model's calibration reuses what the ranking
@@ -27,7 +28,9 @@ layer's output error before and after.
 
 Issue #24: ``--preset cfws_kl_cle`` (or ``--cle`` with any preset) equalizes the fused float
 weights across layers first (:mod:`cfws_jax.ptq.equalize`); the report then compares against the
-equalized float network, channel for channel.
+equalized float network, channel for channel. ``--preset cfws_kl_u`` / ``cfws_kl_recon_u`` (or
+``--act-unsigned`` with any preset) give ReLU-fused activations unsigned codes, the bit that
+matters below 8 bits.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ def register(sub) -> None:
     p.add_argument("--w-bits", type=int, default=None, help="weight bits, 2..16 (default 8)")
     p.add_argument("--a-bits", type=int, default=None, help="activation bits, 2..16 (default 8)")
     p.add_argument("--act-method", choices=METHODS, default=None, help="override the preset's activation method")
+    p.add_argument("--act-unsigned", action="store_const", const=True, default=None,
+                   help="unsigned codes (0..2^b-1) at ReLU-fused activations, one more bit where values are >= 0 "
+                        "(cfws_kl_u; uint8 runtimes such as onnxruntime, not TensorRT's int8)")
     p.add_argument("--float-layers", nargs="*", default=None, metavar="PAT", help="glob patterns kept in float")
     p.add_argument("--keep-float", type=int, default=0, metavar="K",
                    help="keep the K most sensitive layers in float (runs the sensitivity analysis)")
@@ -108,7 +114,7 @@ def _overrides(args) -> dict:
                        ("act_method", "act_method"), ("iters", "recon_iters"),
                        ("recon_batch_size", "recon_batch_size"), ("recon_loss", "recon_loss"),
                        ("qdrop", "recon_qdrop"), ("recon_unit", "recon_unit"), ("recon_act_step", "recon_act_step"),
-                       ("bias_correction_z", "bias_correction_z")):
+                       ("bias_correction_z", "bias_correction_z"), ("act_unsigned", "act_unsigned")):
         v = getattr(args, arg)
         if v is not None:
             o[field] = v

@@ -5,7 +5,8 @@
 Presets ``cfws_kl_bc`` / ``cfws_kl_recon`` / ``kl_recon`` add bias correction / learned rounding
 after calibration (:mod:`cfws_jax.ptq.reconstruct`; statistics in ``qm.meta["reconstruction"]``);
 ``cfws_kl_cle`` / ``QuantConfig(cle=True)`` equalizes the fused weights across layers first
-(:mod:`cfws_jax.ptq.equalize`; ``qm.meta["cle"]``).
+(:mod:`cfws_jax.ptq.equalize`; ``qm.meta["cle"]``). ``cfws_kl_u`` / ``cfws_kl_recon_u`` /
+``QuantConfig(act_unsigned=True)`` code ReLU outputs unsigned (``0 .. 2^b-1``), for below 8 bits.
 """
 
 from cfws_jax.ptq.config import PRESETS, QuantConfig, get_preset

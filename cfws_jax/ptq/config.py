@@ -21,6 +21,8 @@ preset             weights of rep convs        activation method       ReLU fusi
 ``kl_ort``         plain per-channel           kl_cfws, unsigned ReLU  on   (``--target onnxruntime``, no split: fastest)
 ``kl_recon``       plain + learned rounding    kl_cfws                 on   (256 calib images)
 ``cfws_kl_cle``    CLE, then CFWS              kl_cfws                 on
+``cfws_kl_u``      CFWS                        kl_cfws, unsigned ReLU  on   (below 8 bits; uint8 runtimes)
+``cfws_kl_recon_u`` CFWS + learned rounding    kl_cfws, unsigned ReLU  on   (256 calib images; below 8 bits)
 =================  ==========================  ======================  ===========
 
 The last three go beyond the paper (issue #14, :mod:`cfws_jax.ptq.reconstruct`): after
@@ -33,6 +35,12 @@ without the CFWS split (plain per-channel weights), to show what CFWS brings.
 (:mod:`cfws_jax.ptq.equalize`: Nagel et al. 2019 cross-layer equalization, the same float
 network), so the CFWS split and the calibration see the equalized layers; ``cle=True`` (CLI
 ``--cle``) does the same for any preset.
+
+``cfws_kl_u`` / ``cfws_kl_recon_u`` (issue #24) give ReLU-fused activations unsigned codes
+(``act_unsigned``: ``0 .. 2^b-1`` instead of ``0 .. 2^(b-1)-1``), one more bit of resolution where
+the values cannot be negative. TensorRT's int8 is signed, so the paper's presets keep signed codes;
+below 8 bits the lost bit is what separates them (CIFAR RepVGG-A0 W4A4: 83.5 % -> 87.8 % without
+learned rounding, README). ``--act-unsigned`` does the same for any preset.
 """
 
 from __future__ import annotations
@@ -246,6 +254,9 @@ PRESETS["cfws_kl_recon"] = QuantConfig(act_method="kl_cfws", reconstruct=True, n
 PRESETS["kl_recon"] = QuantConfig(cfws=False, act_method="kl_cfws", reconstruct=True, num_calib_images=256)
 # issue #24: cross-layer equalization first
 PRESETS["cfws_kl_cle"] = QuantConfig(act_method="kl_cfws", cle=True)
+# issue #24: unsigned codes after a ReLU (one more bit where values are >= 0; below 8 bits)
+PRESETS["cfws_kl_u"] = PRESETS["cfws_kl"].replace(act_unsigned=True)
+PRESETS["cfws_kl_recon_u"] = PRESETS["cfws_kl_recon"].replace(act_unsigned=True)
 
 
 def get_preset(name: str, **overrides) -> QuantConfig:
