@@ -429,7 +429,6 @@ def test_one_pass_on_an_se_block_matches_the_prefix_captures(monkeypatch):
                                                         BATCHES), err_msg=name)
 
 
-# ----------------------------------------------------------------------------- CLI
 def test_unsigned_relu_points_reach_reconstruction(monkeypatch):
     """With ``act_unsigned`` at 4 bits a layer reading a ReLU-fused point learns its rounding on
     inputs on the unsigned grid (codes 0..15, the previous layer's ``:out`` point); a layer with its
@@ -455,6 +454,7 @@ def test_unsigned_relu_points_reach_reconstruction(monkeypatch):
     assert not lin.unsigned and seen["linear"][0][1] == 7.0
 
 
+# ----------------------------------------------------------------------------- CLI
 def test_cli_recon_preset_end_to_end(tmp_path, capsys):
     from cfws_jax.cli import main
     from cfws_jax.io import save_variables
