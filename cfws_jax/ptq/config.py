@@ -26,9 +26,9 @@ preset             weights of rep convs        activation method       ReLU fusi
 =================  ==========================  ======================  ===========
 
 ``cfws_kl_bc``, ``cfws_kl_recon`` and ``kl_recon`` go beyond the paper (issue #14,
-:mod:`cfws_jax.ptq.reconstruct`): after calibration, layer by layer in execution order, ``bias_correction`` removes the mean output
-shift per channel and ``reconstruct`` learns each weight's rounding (AdaRound) so that the
-layer's output on quantized inputs matches the float one. ``kl_recon`` is ``cfws_kl_recon``
+:mod:`cfws_jax.ptq.reconstruct`): after calibration, layer by layer in execution order,
+``bias_correction`` removes the mean output shift per channel and ``reconstruct`` learns each
+weight's rounding (AdaRound) so that the layer's output on quantized inputs matches the float one. ``kl_recon`` is ``cfws_kl_recon``
 without the CFWS split (plain per-channel weights), to show what CFWS brings.
 
 ``cfws_kl_cle`` (issue #24) first equalizes the fused float weights across layers
